@@ -1,0 +1,3 @@
+/* doctest entry point: all tests/*.cpp link into one runner (build/test_moe). */
+#define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
+#include <doctest/doctest.h>
