@@ -34,7 +34,7 @@ struct SafeTensors {
     std::map<std::string, std::string> metadata;
     std::map<std::string, TensorData> tensors;
     bool has(const std::string& name) const { return tensors.count(name) != 0; }
-    // Throws "error: <path>: missing tensor <name>" / shape mismatch naming both shapes.
+    // Throws "missing tensor <name> (<path>)" / "tensor <name> has shape [..], expected [..] (<path>)".
     const TensorData& get(const std::string& name, const std::vector<int64_t>& expect_shape = {}) const;
     std::string meta(const std::string& key) const;  // throws if missing
 };

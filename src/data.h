@@ -37,6 +37,8 @@ public:
     void set_position(const Position& p);
     uint64_t total_tokens() const;               // over all shards
     const std::vector<std::string>& files() const { return files_; }
+    int batch_size() const { return B_; }
+    int seq_len() const { return T_; }
 private:
     void load_shard(uint64_t idx);
     std::vector<std::string> files_;

@@ -1,3 +1,3 @@
-/* doctest entry point: all tests/*.cpp link into one runner (build/test_moe). */
+/* doctest entry point: every test file in tests/ links into one runner (build/test_moe). */
 #define DOCTEST_CONFIG_IMPLEMENT_WITH_MAIN
 #include <doctest/doctest.h>

@@ -1,0 +1,60 @@
+/* The op backend: one model code path (model.cpp) runs on either backend. Every op has the
+   contract documented in ops_cpu.h (output first, backward accumulates); pointers are backend
+   memory (host for CPU, device for CUDA). The CPU backend forwards to ops_cpu.cpp; a CUDA
+   backend implements the same table with handwritten kernels. */
+#pragma once
+#include <cstddef>
+#include <memory>
+#include <string>
+
+namespace moe {
+
+struct Backend {
+    virtual ~Backend() = default;
+    virtual std::string name() const = 0;
+
+    // memory
+    virtual void* alloc_bytes(size_t nbytes) = 0;     // zero-filled
+    virtual void free_bytes(void* p) = 0;
+    virtual void zero(void* p, size_t nbytes) = 0;
+    virtual void upload(void* dst, const void* host_src, size_t nbytes) = 0;
+    virtual void download(void* host_dst, const void* src, size_t nbytes) = 0;
+    virtual void copy(void* dst, const void* src, size_t nbytes) = 0;
+    virtual void synchronize() {}
+    float* alloc(size_t n) { return (float*)alloc_bytes(n * sizeof(float)); }
+    int* alloc_int(size_t n) { return (int*)alloc_bytes(n * sizeof(int)); }
+
+    // model ops (contracts in ops_cpu.h)
+    virtual void encoder_forward(float* out, const int* inp, const float* wte, const float* wpe, int B, int T, int C) = 0;
+    virtual void encoder_backward(float* dwte, float* dwpe, const float* dout, const int* inp, int B, int T, int C) = 0;
+    virtual void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* weight,
+                                   const float* bias, int N, int C) = 0;
+    virtual void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+                                    const float* weight, const float* mean, const float* rstd, int N, int C) = 0;
+    virtual void matmul_forward(float* out, const float* inp, const float* weight, const float* bias,
+                                int N, int C, int OC) = 0;
+    virtual void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
+                                 const float* weight, int N, int C, int OC) = 0;
+    virtual void attention_forward(float* out, float* preatt, float* att, const float* qkv, int B, int T, int C, int NH) = 0;
+    virtual void attention_backward(float* dqkv, float* dpreatt, float* datt, const float* dout, const float* qkv,
+                                    const float* att, int B, int T, int C, int NH) = 0;
+    virtual void gelu_forward(float* out, const float* inp, size_t N) = 0;
+    virtual void gelu_backward(float* dinp, const float* inp, const float* dout, size_t N) = 0;
+    virtual void residual_forward(float* out, const float* a, const float* b, size_t N) = 0;
+    virtual void crossentropy_softmax_forward(float* losses, float* probs, const float* logits, const int* targets,
+                                              int N, int V) = 0;
+    virtual void crossentropy_softmax_backward(float* dlogits, const float* probs, const int* targets, float dloss,
+                                               int N, int V) = 0;
+
+    // optimizer ops
+    // sum of squares of g (n floats), reduced in a fixed order so that runs are reproducible
+    virtual double sum_squares(const float* g, size_t n) = 0;
+    virtual void scale(float* x, float s, size_t n) = 0;
+    // AdamW on one tensor: m,v updated; bias correction with step t (1-based); decoupled decay.
+    virtual void adamw_update(float* param, const float* grad, float* m, float* v, size_t n, float lr,
+                              float beta1, float beta2, float eps, float weight_decay, int t) = 0;
+};
+
+std::unique_ptr<Backend> make_cpu_backend(int threads);  // threads 0 = all cores
+
+}  // namespace moe

@@ -1,0 +1,116 @@
+/* The CPU backend: host memory, ops from ops_cpu.cpp, AdamW and reductions with OpenMP.
+   Reductions use fixed per-chunk partial sums so a run is bit-reproducible for a given
+   thread count (resume depends on it). */
+#include "backend.h"
+#include "ops_cpu.h"
+
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <vector>
+#include <omp.h>
+
+namespace moe {
+
+namespace {
+
+struct CpuBackend final : Backend {
+    explicit CpuBackend(int threads) { if (threads > 0) omp_set_num_threads(threads); }
+    std::string name() const override { return "cpu"; }
+
+    void* alloc_bytes(size_t nbytes) override {
+        size_t padded = (nbytes + 63) / 64 * 64;
+        void* p = std::aligned_alloc(64, padded ? padded : 64);
+        if (!p) throw std::bad_alloc();
+        std::memset(p, 0, padded);
+        return p;
+    }
+    void free_bytes(void* p) override { std::free(p); }
+    void zero(void* p, size_t nbytes) override { std::memset(p, 0, nbytes); }
+    void upload(void* dst, const void* src, size_t nbytes) override { std::memcpy(dst, src, nbytes); }
+    void download(void* dst, const void* src, size_t nbytes) override { std::memcpy(dst, src, nbytes); }
+    void copy(void* dst, const void* src, size_t nbytes) override { std::memmove(dst, src, nbytes); }
+
+    void encoder_forward(float* out, const int* inp, const float* wte, const float* wpe, int B, int T, int C) override {
+        moe::encoder_forward(out, inp, wte, wpe, B, T, C);
+    }
+    void encoder_backward(float* dwte, float* dwpe, const float* dout, const int* inp, int B, int T, int C) override {
+        moe::encoder_backward(dwte, dwpe, dout, inp, B, T, C);
+    }
+    void layernorm_forward(float* out, float* mean, float* rstd, const float* inp, const float* w, const float* b,
+                           int N, int C) override {
+        moe::layernorm_forward(out, mean, rstd, inp, w, b, N, C);
+    }
+    void layernorm_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp, const float* w,
+                            const float* mean, const float* rstd, int N, int C) override {
+        moe::layernorm_backward(dinp, dw, db, dout, inp, w, mean, rstd, N, C);
+    }
+    void matmul_forward(float* out, const float* inp, const float* w, const float* b, int N, int C, int OC) override {
+        moe::matmul_forward(out, inp, w, b, N, C, OC);
+    }
+    void matmul_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp, const float* w,
+                         int N, int C, int OC) override {
+        moe::matmul_backward(dinp, dw, db, dout, inp, w, N, C, OC);
+    }
+    void attention_forward(float* out, float* preatt, float* att, const float* qkv, int B, int T, int C, int NH) override {
+        moe::attention_forward(out, preatt, att, qkv, B, T, C, NH);
+    }
+    void attention_backward(float* dqkv, float* dpreatt, float* datt, const float* dout, const float* qkv,
+                            const float* att, int B, int T, int C, int NH) override {
+        moe::attention_backward(dqkv, dpreatt, datt, dout, qkv, att, B, T, C, NH);
+    }
+    void gelu_forward(float* out, const float* inp, size_t N) override { moe::gelu_forward(out, inp, N); }
+    void gelu_backward(float* dinp, const float* inp, const float* dout, size_t N) override {
+        moe::gelu_backward(dinp, inp, dout, N);
+    }
+    void residual_forward(float* out, const float* a, const float* b, size_t N) override {
+        moe::residual_forward(out, a, b, N);
+    }
+    void crossentropy_softmax_forward(float* losses, float* probs, const float* logits, const int* targets,
+                                      int N, int V) override {
+        moe::crossentropy_softmax_forward(losses, probs, logits, targets, N, V);
+    }
+    void crossentropy_softmax_backward(float* dlogits, const float* probs, const int* targets, float dloss,
+                                       int N, int V) override {
+        moe::crossentropy_softmax_backward(dlogits, probs, targets, dloss, N, V);
+    }
+
+    double sum_squares(const float* g, size_t n) override {
+        const size_t chunk = 1 << 16;
+        size_t nchunks = (n + chunk - 1) / chunk;
+        std::vector<double> partial(nchunks, 0.0);
+        #pragma omp parallel for schedule(static)
+        for (size_t c = 0; c < nchunks; c++) {
+            double s = 0.0;
+            size_t end = std::min(n, (c + 1) * chunk);
+            for (size_t i = c * chunk; i < end; i++) s += (double)g[i] * g[i];
+            partial[c] = s;
+        }
+        double total = 0.0;
+        for (double p : partial) total += p;
+        return total;
+    }
+    void scale(float* x, float s, size_t n) override {
+        #pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < n; i++) x[i] *= s;
+    }
+    void adamw_update(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1, float beta2,
+                      float eps, float wd, int t) override {
+        float bc1 = 1.0f - std::pow(beta1, (float)t), bc2 = 1.0f - std::pow(beta2, (float)t);
+        #pragma omp parallel for schedule(static)
+        for (size_t i = 0; i < n; i++) {
+            float mi = beta1 * m[i] + (1.0f - beta1) * g[i];
+            float vi = beta2 * v[i] + (1.0f - beta2) * g[i] * g[i];
+            m[i] = mi; v[i] = vi;
+            // decoupled weight decay applied to the pre-update weight, as torch.optim.AdamW does
+            p[i] -= lr * ((mi / bc1) / (std::sqrt(vi / bc2) + eps) + wd * p[i]);
+        }
+    }
+};
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(int threads) { return std::make_unique<CpuBackend>(threads); }
+
+}  // namespace moe

@@ -1,0 +1,209 @@
+/* GPT forward/backward over the Backend ops. Parameters live in one flat buffer (AdamW and
+   checkpoints walk the named views); activations are kept for backward. Backward uses a single
+   running residual gradient: every op accumulates into it, which is exactly the chain rule for
+   x + f(LN(x)) blocks, so no per-layer gradient activations are needed. */
+#include "model.h"
+#include "common.h"
+
+#include <cmath>
+
+namespace moe {
+
+GPT::GPT(const ModelConfig& cfg, Backend& be) : cfg_(cfg), be_(be) {
+    const int64_t V = cfg.vocab_size, T = cfg.seq_len, C = cfg.d_model, F = cfg.d_ff;
+    if (cfg.moe.enabled) fail("MoE layers are not available in this build yet (model.moe)");
+    wte_ = params_.size(); add_param("wte", {V, C});
+    wpe_ = params_.size(); add_param("wpe", {T, C});
+    for (int l = 0; l < cfg.n_layer; l++) {
+        std::string p = "h." + std::to_string(l) + ".";
+        LayerParams lp;
+        lp.ln1w = params_.size(); add_param(p + "ln_1.weight", {C});
+        lp.ln1b = params_.size(); add_param(p + "ln_1.bias", {C});
+        lp.qkvw = params_.size(); add_param(p + "attn.c_attn.weight", {3 * C, C});
+        lp.qkvb = params_.size(); add_param(p + "attn.c_attn.bias", {3 * C});
+        lp.attprojw = params_.size(); add_param(p + "attn.c_proj.weight", {C, C});
+        lp.attprojb = params_.size(); add_param(p + "attn.c_proj.bias", {C});
+        lp.ln2w = params_.size(); add_param(p + "ln_2.weight", {C});
+        lp.ln2b = params_.size(); add_param(p + "ln_2.bias", {C});
+        lp.fcw = params_.size(); add_param(p + "mlp.c_fc.weight", {F, C});
+        lp.fcb = params_.size(); add_param(p + "mlp.c_fc.bias", {F});
+        lp.fcprojw = params_.size(); add_param(p + "mlp.c_proj.weight", {C, F});
+        lp.fcprojb = params_.size(); add_param(p + "mlp.c_proj.bias", {C});
+        layers_.push_back(lp);
+    }
+    lnfw_ = params_.size(); add_param("ln_f.weight", {C});
+    lnfb_ = params_.size(); add_param("ln_f.bias", {C});
+    weights_ = be_.alloc(num_params_);
+    grads_ = be_.alloc(num_params_);
+}
+
+GPT::~GPT() {
+    free_activations();
+    be_.free_bytes(weights_);
+    be_.free_bytes(grads_);
+}
+
+void GPT::add_param(const std::string& name, std::vector<int64_t> shape) {
+    ParamTensor p;
+    p.name = name;
+    p.shape = std::move(shape);
+    p.numel = 1;
+    for (int64_t d : p.shape) p.numel *= (size_t)d;
+    p.offset = num_params_;
+    p.decay = p.shape.size() >= 2;
+    num_params_ += p.numel;
+    params_.push_back(std::move(p));
+}
+
+const ParamTensor& GPT::param(const std::string& name) const {
+    for (const auto& p : params_) if (p.name == name) return p;
+    fail("no parameter named {}", name);
+}
+
+void GPT::init_weights(uint64_t seed) {
+    Rng rng(seed);
+    std::vector<float> host(num_params_, 0.0f);
+    const float std_resid = 0.02f / std::sqrt(2.0f * cfg_.n_layer);
+    for (const auto& p : params_) {
+        float* dst = host.data() + p.offset;
+        bool is_ln_weight = p.name.find("ln_") != std::string::npos && p.name.find(".weight") != std::string::npos;
+        bool is_bias = p.shape.size() == 1 && !is_ln_weight;
+        bool is_resid_proj = p.name.find("c_proj.weight") != std::string::npos;
+        for (size_t i = 0; i < p.numel; i++) {
+            if (is_ln_weight) dst[i] = 1.0f;
+            else if (is_bias) dst[i] = 0.0f;
+            else dst[i] = rng.normal() * (is_resid_proj ? std_resid : 0.02f);
+        }
+    }
+    set_weights(host);
+}
+
+std::vector<float> GPT::get_weights() const {
+    std::vector<float> h(num_params_);
+    be_.download(h.data(), weights_, num_params_ * sizeof(float));
+    return h;
+}
+void GPT::set_weights(const std::vector<float>& h) {
+    if (h.size() != num_params_) fail("weights: expected {} floats, got {}", num_params_, h.size());
+    be_.upload(weights_, h.data(), num_params_ * sizeof(float));
+}
+std::vector<float> GPT::get_grads() const {
+    std::vector<float> h(num_params_);
+    be_.download(h.data(), grads_, num_params_ * sizeof(float));
+    return h;
+}
+void GPT::zero_grad() { be_.zero(grads_, num_params_ * sizeof(float)); }
+
+void GPT::free_activations() {
+    for (void* p : act_allocs_) be_.free_bytes(p);
+    act_allocs_.clear();
+    acts_ = Activations{};
+}
+
+void GPT::ensure_activations(int B, int T) {
+    if (acts_.B == B && acts_.T == T) return;
+    free_activations();
+    const size_t N = (size_t)B * T, C = cfg_.d_model, F = cfg_.d_ff, V = cfg_.vocab_size, NH = cfg_.n_head;
+    const size_t L = cfg_.n_layer, att = (size_t)B * NH * T * T;
+    auto f = [&](size_t n) { float* p = be_.alloc(n); act_allocs_.push_back(p); return p; };
+    auto per_layer = [&](std::vector<float*>& v, size_t n) { v.clear(); for (size_t l = 0; l < L; l++) v.push_back(f(n)); };
+    Activations& a = acts_;
+    a.B = B; a.T = T;
+    a.encoded = f(N * C);
+    per_layer(a.ln1, N * C); per_layer(a.ln1_mean, N); per_layer(a.ln1_rstd, N);
+    per_layer(a.qkv, N * 3 * C); per_layer(a.atty, N * C); per_layer(a.preatt, att); per_layer(a.att, att);
+    per_layer(a.residual2, N * C);
+    per_layer(a.ln2, N * C); per_layer(a.ln2_mean, N); per_layer(a.ln2_rstd, N);
+    per_layer(a.fch, N * F); per_layer(a.fch_gelu, N * F);
+    per_layer(a.residual3, N * C);
+    a.lnf = f(N * C); a.lnf_mean = f(N); a.lnf_rstd = f(N);
+    a.logits = f(N * V); a.probs = f(N * V); a.losses = f(N);
+    a.inputs = be_.alloc_int(N); act_allocs_.push_back(a.inputs);
+    a.targets = be_.alloc_int(N); act_allocs_.push_back(a.targets);
+    a.dresidual = f(N * C); a.dln = f(N * C);
+    a.dproj_in = f(N * std::max(F, C)); a.dhidden = f(N * std::max(F, 3 * C));
+    a.dpreatt = f(att); a.datt = f(att);
+    a.dlogits = f(N * V);
+    host_losses_.assign(N, 0.0f);
+}
+
+float GPT::forward(const int* inputs, const int* targets, int B, int T) {
+    if (T > cfg_.seq_len) fail("sequence length {} exceeds model.seq_len {}", T, cfg_.seq_len);
+    const int C = cfg_.d_model, F = cfg_.d_ff, V = cfg_.vocab_size, NH = cfg_.n_head, N = B * T;
+    for (int i = 0; i < N; i++) {
+        if (inputs[i] < 0 || inputs[i] >= V || targets[i] < 0 || targets[i] >= V)
+            fail("token id {} out of range for vocab_size {}", inputs[i] < 0 || inputs[i] >= V ? inputs[i] : targets[i], V);
+    }
+    ensure_activations(B, T);
+    Activations& a = acts_;
+    be_.upload(a.inputs, inputs, (size_t)N * sizeof(int));
+    be_.upload(a.targets, targets, (size_t)N * sizeof(int));
+
+    be_.encoder_forward(a.encoded, a.inputs, w(wte_), w(wpe_), B, T, C);  // (N, C)
+    const float* residual = a.encoded;
+    for (int l = 0; l < cfg_.n_layer; l++) {
+        const LayerParams& p = layers_[l];
+        be_.layernorm_forward(a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], residual, w(p.ln1w), w(p.ln1b), N, C);
+        be_.matmul_forward(a.qkv[l], a.ln1[l], w(p.qkvw), w(p.qkvb), N, C, 3 * C);          // (N, 3C)
+        be_.attention_forward(a.atty[l], a.preatt[l], a.att[l], a.qkv[l], B, T, C, NH);     // (N, C)
+        be_.matmul_forward(a.residual2[l], a.atty[l], w(p.attprojw), w(p.attprojb), N, C, C);
+        be_.residual_forward(a.residual2[l], a.residual2[l], residual, (size_t)N * C);      // x + attn
+        be_.layernorm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], a.residual2[l], w(p.ln2w), w(p.ln2b), N, C);
+        be_.matmul_forward(a.fch[l], a.ln2[l], w(p.fcw), w(p.fcb), N, C, F);                // (N, F)
+        be_.gelu_forward(a.fch_gelu[l], a.fch[l], (size_t)N * F);
+        be_.matmul_forward(a.residual3[l], a.fch_gelu[l], w(p.fcprojw), w(p.fcprojb), N, F, C);
+        be_.residual_forward(a.residual3[l], a.residual3[l], a.residual2[l], (size_t)N * C);  // x + ffn
+        residual = a.residual3[l];
+    }
+    be_.layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, residual, w(lnfw_), w(lnfb_), N, C);
+    be_.matmul_forward(a.logits, a.lnf, w(wte_), nullptr, N, C, V);                         // (N, V), tied head
+    be_.crossentropy_softmax_forward(a.losses, a.probs, a.logits, a.targets, N, V);
+    be_.download(host_losses_.data(), a.losses, (size_t)N * sizeof(float));
+    double sum = 0.0;
+    for (int i = 0; i < N; i++) sum += host_losses_[i];
+    return (float)(sum / N);
+}
+
+void GPT::backward(float dloss_scale) {
+    Activations& a = acts_;
+    if (!a.B) fail("backward() called before forward()");
+    const int B = a.B, T = a.T, C = cfg_.d_model, F = cfg_.d_ff, V = cfg_.vocab_size, NH = cfg_.n_head, N = B * T;
+    const size_t NC = (size_t)N * C, att_bytes = (size_t)B * NH * T * T * sizeof(float);
+
+    be_.zero(a.dlogits, (size_t)N * V * sizeof(float));
+    be_.crossentropy_softmax_backward(a.dlogits, a.probs, a.targets, dloss_scale / N, N, V);
+    be_.zero(a.dln, NC * sizeof(float));
+    be_.matmul_backward(a.dln, g(wte_), nullptr, a.dlogits, a.lnf, w(wte_), N, C, V);
+    be_.zero(a.dresidual, NC * sizeof(float));
+    const float* last = cfg_.n_layer ? a.residual3[cfg_.n_layer - 1] : a.encoded;
+    be_.layernorm_backward(a.dresidual, g(lnfw_), g(lnfb_), a.dln, last, w(lnfw_), a.lnf_mean, a.lnf_rstd, N, C);
+
+    for (int l = cfg_.n_layer - 1; l >= 0; l--) {
+        const LayerParams& p = layers_[l];
+        const float* residual = l == 0 ? a.encoded : a.residual3[l - 1];
+        // dresidual holds d(residual3[l]); the skip passes it through unchanged to residual2.
+        be_.zero(a.dproj_in, (size_t)N * F * sizeof(float));
+        be_.matmul_backward(a.dproj_in, g(p.fcprojw), g(p.fcprojb), a.dresidual, a.fch_gelu[l], w(p.fcprojw), N, F, C);
+        be_.zero(a.dhidden, (size_t)N * F * sizeof(float));
+        be_.gelu_backward(a.dhidden, a.fch[l], a.dproj_in, (size_t)N * F);
+        be_.zero(a.dln, NC * sizeof(float));
+        be_.matmul_backward(a.dln, g(p.fcw), g(p.fcb), a.dhidden, a.ln2[l], w(p.fcw), N, C, F);
+        be_.layernorm_backward(a.dresidual, g(p.ln2w), g(p.ln2b), a.dln, a.residual2[l], w(p.ln2w),
+                               a.ln2_mean[l], a.ln2_rstd[l], N, C);
+        // dresidual now holds d(residual2[l])
+        be_.zero(a.dproj_in, NC * sizeof(float));
+        be_.matmul_backward(a.dproj_in, g(p.attprojw), g(p.attprojb), a.dresidual, a.atty[l], w(p.attprojw), N, C, C);
+        be_.zero(a.dhidden, NC * 3 * sizeof(float));
+        be_.zero(a.dpreatt, att_bytes);
+        be_.zero(a.datt, att_bytes);
+        be_.attention_backward(a.dhidden, a.dpreatt, a.datt, a.dproj_in, a.qkv[l], a.att[l], B, T, C, NH);
+        be_.zero(a.dln, NC * sizeof(float));
+        be_.matmul_backward(a.dln, g(p.qkvw), g(p.qkvb), a.dhidden, a.ln1[l], w(p.qkvw), N, C, 3 * C);
+        be_.layernorm_backward(a.dresidual, g(p.ln1w), g(p.ln1b), a.dln, residual, w(p.ln1w),
+                               a.ln1_mean[l], a.ln1_rstd[l], N, C);
+        // dresidual now holds d(residual3[l-1])
+    }
+    be_.encoder_backward(g(wte_), g(wpe_), a.dresidual, a.inputs, B, T, C);
+}
+
+}  // namespace moe

@@ -1,0 +1,506 @@
+/* CPU twins of the model ops (contract in ops_cpu.h), written like llm.c's train_gpt2.c: plain
+   loops, OpenMP across independent rows, exactly GPT-2's math. Two things go beyond llm.c
+   because they dominate CPU time:
+   - the three matmuls (forward, dinp, dweight) share one cache-blocked GEMM with a register-
+     tiled micro-kernel written with GCC vector extensions, so it compiles to FMA on whatever
+     -march gives (AVX-512, AVX2, or plain SSE as a fallback);
+   - exp is a branch-free polynomial (exp_fast) that vectorises; glibc's expf/tanhf do not
+     without -ffast-math, and GELU, softmax and cross-entropy call it once per element.
+   Every parallel loop splits work so that each output element is written by exactly one
+   thread in a fixed order: results are bitwise independent of the number of threads. */
+#include "ops_cpu.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace moe {
+namespace {
+
+constexpr float kLayerNormEps = 1e-5f;
+constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2/pi)
+constexpr float kGeluCubic = 0.044715f;
+
+// exp(x) to ~2 ulp (Cephes expf): x = n*ln2 + r with |r| <= ln2/2, exp(r) by a degree-6
+// polynomial, 2^n put straight into the exponent bits. Arguments are clamped to [-87, 88] so
+// 2^n stays a normal float; below -87 the result is 0 (what expf gives to float precision, and
+// what a masked softmax entry needs). NaN propagates through the polynomial.
+inline float exp_fast(float x) {
+    const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x/ln2)
+    float r = xc - n * 0.693359375f;  // ln2 split in two so n*ln2 is exact enough
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return x < -87.0f ? 0.0f : p * scale;
+}
+
+// ----------------------------------------------------------------------------------------
+// GEMM: C[m, n] (= or +=) bias[n] + sum_k A(m, k) * B(k, n), with A and B given by strides, so
+// one routine serves out = inp W^T, dinp = dout W and dweight = dout^T inp without transposes.
+// Blocking as in BLIS: B is packed once into column panels of NR (zero padded, so no column
+// tails in the kernel); each task owns an (MC rows x some panels) block of C, walks K in KC
+// slices and packs its A rows into MR-row micro-panels, so the micro-kernel reads both
+// operands contiguously and a KC x NR slice of B stays in L1 across the MR-row tiles.
+
+typedef float v16 __attribute__((vector_size(64)));  // 16 floats: 1 zmm, 2 ymm or 4 xmm
+typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));  // unaligned access
+
+#if defined(__AVX512F__)
+constexpr int MR = 8, NV = 2;  // 8 x 32 tile: 16 of the 32 zmm registers accumulate
+#elif defined(__AVX__)
+constexpr int MR = 6, NV = 1;  // 6 x 16 tile: 12 of the 16 ymm registers accumulate
+#else
+constexpr int MR = 2, NV = 1;  // SSE: 8 of 16 xmm registers
+#endif
+constexpr int NR = 16 * NV;
+constexpr int KC = 256;            // K slice: KC*NR floats of B (32 KB with AVX-512) fit L1
+constexpr int kMaxTiles = 16;      // at most 16*MR rows of A per task (stays in L2)
+constexpr int kPanelsPerTask = 8;  // at most 8*NR columns of C per task
+
+// C tile (mr x nr valid of MR x NR) += or = a-panel (kc x MR) times b-panel (kc x NR).
+// load_c: add to what C holds (else overwrite); bias (nr floats) or nullptr.
+inline void micro_kernel(int kc, const float* __restrict a, const float* __restrict b,
+                         float* c, size_t ldc, int mr, int nr, bool load_c, const float* bias) {
+    v16 acc[MR][NV];
+    for (int i = 0; i < MR; i++)
+        for (int v = 0; v < NV; v++) acc[i][v] = v16{};
+    for (int k = 0; k < kc; k++) {
+        v16 bv[NV];
+        for (int v = 0; v < NV; v++) bv[v] = *(const v16u*)(b + (size_t)k * NR + 16 * v);
+        for (int i = 0; i < MR; i++) {
+            const float ai = a[(size_t)k * MR + i];  // broadcast
+            for (int v = 0; v < NV; v++) acc[i][v] += ai * bv[v];
+        }
+    }
+    if (mr == MR && nr == NR) {
+        for (int i = 0; i < MR; i++)
+            for (int v = 0; v < NV; v++) {
+                v16u* cp = (v16u*)(c + (size_t)i * ldc + 16 * v);
+                const v16 cv = load_c ? *cp : v16{};
+                const v16 bb = bias ? *(const v16u*)(bias + 16 * v) : v16{};
+                *cp = cv + (bb + acc[i][v]);
+            }
+    } else {  // edge tile of C: only the valid part is touched
+        for (int i = 0; i < mr; i++)
+            for (int j = 0; j < nr; j++) {
+                float* cp = c + (size_t)i * ldc + j;
+                *cp = (load_c ? *cp : 0.0f) + ((bias ? bias[j] : 0.0f) + acc[i][j / 16][j % 16]);
+            }
+    }
+}
+
+void gemm(float* c, size_t ldc,                          // (M, Nc), row stride ldc
+          const float* A, size_t sam, size_t sak,        // A(m, k) = A[m*sam + k*sak]
+          const float* B, size_t sbk, size_t sbn,        // B(k, n) = B[k*sbk + n*sbn]
+          const float* bias, bool accumulate, int M, int Nc, int K) {
+    if (M <= 0 || Nc <= 0) return;
+    if (K <= 0) {  // empty sum: C = bias (or unchanged when accumulating)
+        if (!accumulate)
+            for (int m = 0; m < M; m++)
+                for (int n = 0; n < Nc; n++) c[(size_t)m * ldc + n] = bias ? bias[n] : 0.0f;
+        return;
+    }
+    // pack B: panel p holds columns p*NR.. as K rows of NR floats, zero padded past Nc
+    const int np = (Nc + NR - 1) / NR;
+    static thread_local std::vector<float> bpack;
+    bpack.resize((size_t)np * K * NR);
+    float* bp = bpack.data();
+#pragma omp parallel for schedule(static)
+    for (int p = 0; p < np; p++) {
+        float* dst = bp + (size_t)p * K * NR;
+        const int w = std::min(NR, Nc - p * NR);
+        const float* src = B + (size_t)p * NR * sbn;
+        if (sbn == 1) {  // rows of B contiguous: copy NR-wide row pieces
+            for (int k = 0; k < K; k++)
+                for (int j = 0; j < NR; j++) dst[(size_t)k * NR + j] = j < w ? src[(size_t)k * sbk + j] : 0.0f;
+        } else {  // columns of B contiguous (B = W^T): read down each column
+            for (int j = 0; j < NR; j++)
+                for (int k = 0; k < K; k++)
+                    dst[(size_t)k * NR + j] = j < w ? src[(size_t)k * sbk + (size_t)j * sbn] : 0.0f;
+        }
+    }
+    // task grid: enough (row block, panel group) tasks for ~4 per thread, as long as a row
+    // block keeps at least one MR tile and at most kMaxTiles of them
+    const int ppt = std::min(np, kPanelsPerTask);
+    const int nb = (np + ppt - 1) / ppt;
+    const int mtiles = (M + MR - 1) / MR;
+    const int want_mb = std::max(1, (4 * omp_get_max_threads() + nb - 1) / nb);
+    const int mc_max = MR * std::clamp((mtiles + want_mb - 1) / want_mb, 1, kMaxTiles);
+    const int mb = (M + mc_max - 1) / mc_max;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int ib = 0; ib < mb; ib++) {
+        for (int jb = 0; jb < nb; jb++) {
+            static thread_local std::vector<float> apack;
+            apack.resize((size_t)mc_max * KC);
+            float* ap = apack.data();
+            const int m0 = ib * mc_max, mc = std::min(mc_max, M - m0);
+            const int p0 = jb * ppt, p1 = std::min(np, p0 + ppt);
+            for (int k0 = 0; k0 < K; k0 += KC) {
+                const int kc = std::min(KC, K - k0);
+                // pack A rows m0..m0+mc, cols k0..k0+kc as MR-row micro-panels (k-major),
+                // rows past mc as zeros; read A along whichever direction is contiguous
+                const float* a0 = A + (size_t)m0 * sam + (size_t)k0 * sak;
+                const int mpad = (mc + MR - 1) / MR * MR;
+                if (sak == 1) {
+                    for (int m = 0; m < mpad; m++)
+                        for (int k = 0; k < kc; k++)
+                            ap[(size_t)(m / MR) * kc * MR + (size_t)k * MR + m % MR] =
+                                m < mc ? a0[(size_t)m * sam + k] : 0.0f;
+                } else {
+                    for (int k = 0; k < kc; k++)
+                        for (int m = 0; m < mpad; m++)
+                            ap[(size_t)(m / MR) * kc * MR + (size_t)k * MR + m % MR] =
+                                m < mc ? a0[(size_t)k * sak + (size_t)m * sam] : 0.0f;
+                }
+                const bool first = k0 == 0;
+                for (int p = p0; p < p1; p++) {
+                    const int n0 = p * NR;
+                    const float* bpanel = bp + (size_t)p * K * NR + (size_t)k0 * NR;
+                    for (int r = 0; r < mc; r += MR)
+                        micro_kernel(kc, ap + (size_t)r * kc, bpanel, c + (size_t)(m0 + r) * ldc + n0,
+                                     ldc, std::min(MR, mc - r), std::min(NR, Nc - n0),
+                                     accumulate || !first, first && bias ? bias + n0 : nullptr);
+                }
+            }
+        }
+    }
+}
+
+}  // namespace
+
+// ----------------------------------------------------------------------------------------
+// encoder: token + position embeddings
+
+void encoder_forward(float* out, const int* inp, const float* wte, const float* wpe,
+                     int B, int T, int C) {
+#pragma omp parallel for collapse(2)
+    for (int b = 0; b < B; b++) {
+        for (int t = 0; t < T; t++) {
+            float* o = out + ((size_t)b * T + t) * C;                  // (C)
+            const float* we = wte + (size_t)inp[(size_t)b * T + t] * C;  // (C)
+            const float* pe = wpe + (size_t)t * C;                     // (C)
+            for (int c = 0; c < C; c++) o[c] = we[c] + pe[c];
+        }
+    }
+}
+
+void encoder_backward(float* dwte, float* dwpe, const float* dout, const int* inp,
+                      int B, int T, int C) {
+    // A token can repeat within the batch, so rows of dwte are not owned by one (b, t).
+    // Threads split the channels instead; each walks all (b, t) in order: no races, and the
+    // summation order is fixed. Blocks of 16 floats = one cache line of dout per (b, t).
+    const int nblk = (C + 15) / 16;
+#pragma omp parallel for schedule(static)
+    for (int blk = 0; blk < nblk; blk++) {
+        const int c0 = blk * 16, c1 = std::min(C, c0 + 16);
+        for (int b = 0; b < B; b++) {
+            for (int t = 0; t < T; t++) {
+                const float* d = dout + ((size_t)b * T + t) * C;  // (C)
+                if (dwte) {
+                    float* g = dwte + (size_t)inp[(size_t)b * T + t] * C;
+                    for (int c = c0; c < c1; c++) g[c] += d[c];
+                }
+                if (dwpe) {
+                    float* g = dwpe + (size_t)t * C;
+                    for (int c = c0; c < c1; c++) g[c] += d[c];
+                }
+            }
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// layernorm
+
+void layernorm_forward(float* out, float* mean, float* rstd, const float* inp,
+                       const float* weight, const float* bias, int N, int C) {
+#pragma omp parallel for
+    for (int n = 0; n < N; n++) {
+        const float* x = inp + (size_t)n * C;  // (C)
+        float* o = out + (size_t)n * C;        // (C)
+        float m = 0.0f;
+        for (int c = 0; c < C; c++) m += x[c];
+        m /= C;
+        float v = 0.0f;  // two passes: the variance around the mean does not cancel
+        for (int c = 0; c < C; c++) v += (x[c] - m) * (x[c] - m);
+        v /= C;  // biased variance, as PyTorch's LayerNorm
+        const float s = 1.0f / std::sqrt(v + kLayerNormEps);
+        for (int c = 0; c < C; c++) o[c] = (x[c] - m) * s * weight[c] + bias[c];
+        if (mean) mean[n] = m;
+        if (rstd) rstd[n] = s;
+    }
+}
+
+void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* dout,
+                        const float* inp, const float* weight, const float* mean,
+                        const float* rstd, int N, int C) {
+    if (dinp) {
+#pragma omp parallel for
+        for (int n = 0; n < N; n++) {
+            const float* x = inp + (size_t)n * C;   // (C)
+            const float* d = dout + (size_t)n * C;  // (C)
+            float* g = dinp + (size_t)n * C;        // (C)
+            const float m = mean[n], s = rstd[n];
+            // dnorm = weight * dout; dx = s * (dnorm - mean(dnorm) - norm * mean(dnorm * norm))
+            float dnorm_mean = 0.0f, dnorm_norm_mean = 0.0f;
+            for (int c = 0; c < C; c++) {
+                const float dnorm = weight[c] * d[c];
+                dnorm_mean += dnorm;
+                dnorm_norm_mean += dnorm * (x[c] - m) * s;
+            }
+            dnorm_mean /= C;
+            dnorm_norm_mean /= C;
+            for (int c = 0; c < C; c++) {
+                const float norm = (x[c] - m) * s;
+                g[c] += (weight[c] * d[c] - dnorm_mean - norm * dnorm_norm_mean) * s;
+            }
+        }
+    }
+    if (dweight || dbias) {
+        // reductions over the rows: threads split the channels (see encoder_backward)
+        const int nblk = (C + 15) / 16;
+#pragma omp parallel for schedule(static)
+        for (int blk = 0; blk < nblk; blk++) {
+            const int c0 = blk * 16, w = std::min(C, c0 + 16) - c0;
+            float dw[16] = {}, db[16] = {};
+            for (int n = 0; n < N; n++) {
+                const float* x = inp + (size_t)n * C + c0;
+                const float* d = dout + (size_t)n * C + c0;
+                const float m = mean[n], s = rstd[n];
+                for (int j = 0; j < w; j++) {
+                    dw[j] += (x[j] - m) * s * d[j];
+                    db[j] += d[j];
+                }
+            }
+            for (int j = 0; j < w; j++) {
+                if (dweight) dweight[c0 + j] += dw[j];
+                if (dbias) dbias[c0 + j] += db[j];
+            }
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// matmul (weights (OC, C) as in PyTorch)
+
+void matmul_forward(float* out, const float* inp, const float* weight, const float* bias,
+                    int N, int C, int OC) {
+    // out (N, OC) = inp (N, C) . W^T:  A = inp, B(k=c, n=o) = W[o*C + c]
+    gemm(out, OC, inp, C, 1, weight, 1, C, bias, false, N, OC, C);
+}
+
+void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout,
+                     const float* inp, const float* weight, int N, int C, int OC) {
+    // dinp (N, C) += dout (N, OC) . W (OC, C)
+    if (dinp) gemm(dinp, C, dout, OC, 1, weight, C, 1, nullptr, true, N, C, OC);
+    // dweight (OC, C) += dout^T (OC, N) . inp (N, C):  A(m=o, k=n) = dout[n*OC + o]
+    if (dweight) gemm(dweight, C, dout, 1, OC, inp, C, 1, nullptr, true, OC, C, N);
+    if (dbias) {
+        // column sums of dout; threads split the columns, rows are walked in order
+        const int nblk = (OC + 63) / 64;
+#pragma omp parallel for schedule(static)
+        for (int blk = 0; blk < nblk; blk++) {
+            const int o0 = blk * 64, w = std::min(OC, o0 + 64) - o0;
+            float acc[64] = {};
+            for (int n = 0; n < N; n++) {
+                const float* d = dout + (size_t)n * OC + o0;
+                for (int j = 0; j < w; j++) acc[j] += d[j];
+            }
+            for (int j = 0; j < w; j++) dbias[o0 + j] += acc[j];
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// attention (llm.c's CPU algorithm; the softmax backward is the O(T) form)
+
+void attention_forward(float* out, float* preatt, float* att, const float* qkv,
+                       int B, int T, int C, int NH) {
+    const int C3 = 3 * C, hs = C / NH;
+    const float scale = 1.0f / std::sqrt((float)hs);
+#pragma omp parallel for collapse(3)
+    for (int b = 0; b < B; b++) {
+        for (int t = 0; t < T; t++) {
+            for (int h = 0; h < NH; h++) {
+                const float* q = qkv + ((size_t)b * T + t) * C3 + h * hs;        // (hs)
+                float* pre = preatt + (((size_t)b * NH + h) * T + t) * T;        // (T)
+                float* a = att + (((size_t)b * NH + h) * T + t) * T;             // (T)
+                // scores against keys 0..t (causal), with the row max for a stable softmax
+                float maxv = -INFINITY;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const float* k = qkv + ((size_t)b * T + t2) * C3 + C + h * hs;
+                    float dot = 0.0f;
+                    for (int i = 0; i < hs; i++) dot += q[i] * k[i];
+                    pre[t2] = dot * scale;
+                    maxv = std::max(maxv, pre[t2]);
+                }
+                float sum = 0.0f;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    a[t2] = exp_fast(pre[t2] - maxv);
+                    sum += a[t2];
+                }
+                const float inv = 1.0f / sum;
+                for (int t2 = 0; t2 <= t; t2++) a[t2] *= inv;
+                for (int t2 = t + 1; t2 < T; t2++) pre[t2] = a[t2] = 0.0f;  // masked: defined zeros
+                // out = att . v
+                float* o = out + ((size_t)b * T + t) * C + h * hs;  // (hs)
+                for (int i = 0; i < hs; i++) o[i] = 0.0f;
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const float* v = qkv + ((size_t)b * T + t2) * C3 + 2 * C + h * hs;
+                    for (int i = 0; i < hs; i++) o[i] += a[t2] * v[i];
+                }
+            }
+        }
+    }
+}
+
+void attention_backward(float* dqkv, float* dpreatt, float* datt, const float* dout,
+                        const float* qkv, const float* att, int B, int T, int C, int NH) {
+    if (!dqkv) return;
+    const int C3 = 3 * C, hs = C / NH;
+    const float scale = 1.0f / std::sqrt((float)hs);
+    // dk and dv of position t2 collect from every query t >= t2, so a thread owns a whole
+    // (batch, head): it writes only that head's columns of that sequence. datt/dpreatt rows
+    // are written (=) in full, masked entries as 0.
+#pragma omp parallel for collapse(2)
+    for (int b = 0; b < B; b++) {
+        for (int h = 0; h < NH; h++) {
+            for (int t = 0; t < T; t++) {
+                const size_t row = (((size_t)b * NH + h) * T + t) * T;
+                const float* a = att + row;  // (T)
+                float* da = datt + row;      // (T)
+                float* dp = dpreatt + row;   // (T)
+                const float* q = qkv + ((size_t)b * T + t) * C3 + h * hs;  // (hs)
+                float* dq = dqkv + ((size_t)b * T + t) * C3 + h * hs;      // (hs)
+                const float* d = dout + ((size_t)b * T + t) * C + h * hs;  // (hs)
+                // out = sum_t2 a[t2] v[t2]
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const float* v = qkv + ((size_t)b * T + t2) * C3 + 2 * C + h * hs;
+                    float* dv = dqkv + ((size_t)b * T + t2) * C3 + 2 * C + h * hs;
+                    float dot = 0.0f;
+                    for (int i = 0; i < hs; i++) {
+                        dot += v[i] * d[i];
+                        dv[i] += a[t2] * d[i];
+                    }
+                    da[t2] = dot;
+                }
+                // softmax: dpre[j] = a[j] * (da[j] - sum_i a[i] da[i])
+                float ada = 0.0f;
+                for (int t2 = 0; t2 <= t; t2++) ada += a[t2] * da[t2];
+                for (int t2 = 0; t2 <= t; t2++) dp[t2] = a[t2] * (da[t2] - ada);
+                for (int t2 = t + 1; t2 < T; t2++) da[t2] = dp[t2] = 0.0f;
+                // pre[t2] = scale * q . k[t2]
+                for (int t2 = 0; t2 <= t; t2++) {
+                    const float* k = qkv + ((size_t)b * T + t2) * C3 + C + h * hs;
+                    float* dk = dqkv + ((size_t)b * T + t2) * C3 + C + h * hs;
+                    const float g = dp[t2] * scale;
+                    for (int i = 0; i < hs; i++) {
+                        dq[i] += g * k[i];
+                        dk[i] += g * q[i];
+                    }
+                }
+            }
+        }
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// GELU, tanh approximation: 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3).
+// Since 0.5 (1 + tanh(u)) = sigmoid(2u) = 1 / (1 + e), e = exp(-2u), we compute x / (1 + e):
+// same function, one exp, no cancellation near tanh = -1, and d/du sigmoid(2u) = 2 e s^2.
+
+void gelu_forward(float* out, const float* inp, size_t N) {
+#pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < N; i++) {
+        const float x = inp[i];
+        const float u = kGeluScale * (x + kGeluCubic * x * x * x);
+        out[i] = x / (1.0f + exp_fast(-2.0f * u));
+    }
+}
+
+void gelu_backward(float* dinp, const float* inp, const float* dout, size_t N) {
+    if (!dinp) return;
+#pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < N; i++) {
+        const float x = inp[i];
+        const float u = kGeluScale * (x + kGeluCubic * x * x * x);
+        const float e = exp_fast(-2.0f * u);
+        const float s = 1.0f / (1.0f + e);
+        const float du = kGeluScale * (1.0f + 3.0f * kGeluCubic * x * x);
+        const float ds = 2.0f * (e * s) * s;  // e*s = 1 - s <= 1: no overflow for huge e
+        dinp[i] += (s + x * ds * du) * dout[i];
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// residual
+
+void residual_forward(float* out, const float* a, const float* b, size_t N) {
+#pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < N; i++) out[i] = a[i] + b[i];
+}
+
+void residual_backward(float* da, float* db, const float* dout, size_t N) {
+#pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < N; i++) {
+        if (da) da[i] += dout[i];
+        if (db) db[i] += dout[i];
+    }
+}
+
+// ----------------------------------------------------------------------------------------
+// softmax + cross-entropy
+
+void crossentropy_softmax_forward(float* losses, float* probs, const float* logits,
+                                  const int* targets, int N, int V) {
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const float* z = logits + (size_t)n * V;  // (V)
+        float maxv = -INFINITY;
+        for (int v = 0; v < V; v++) maxv = std::max(maxv, z[v]);
+        float sum = 0.0f;
+        if (probs) {
+            float* p = probs + (size_t)n * V;  // (V)
+#pragma omp simd reduction(+ : sum)
+            for (int v = 0; v < V; v++) {
+                p[v] = exp_fast(z[v] - maxv);
+                sum += p[v];
+            }
+            const float inv = 1.0f / sum;
+            for (int v = 0; v < V; v++) p[v] *= inv;
+        } else {  // loss only (eval): no (N, V) write
+#pragma omp simd reduction(+ : sum)
+            for (int v = 0; v < V; v++) sum += exp_fast(z[v] - maxv);
+        }
+        // -log softmax[target] = log(sum) - (z[target] - max): finite even where the
+        // probability underflows to 0
+        losses[n] = std::log(sum) - (z[targets[n]] - maxv);
+    }
+}
+
+void crossentropy_softmax_backward(float* dlogits, const float* probs, const int* targets,
+                                   float dloss, int N, int V) {
+    if (!dlogits) return;
+#pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        float* g = dlogits + (size_t)n * V;     // (V)
+        const float* p = probs + (size_t)n * V;  // (V)
+        const int tgt = targets[n];
+        for (int v = 0; v < V; v++) g[v] += (p[v] - (v == tgt ? 1.0f : 0.0f)) * dloss;
+    }
+}
+
+}  // namespace moe

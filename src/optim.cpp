@@ -1,0 +1,63 @@
+/* AdamW, learning-rate schedule and gradient clipping; see optim.h. */
+#include "optim.h"
+#include "common.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace moe {
+
+double lr_at(const TrainConfig& tc, int s) {
+    if (s < tc.warmup) return tc.lr * (s + 1) / tc.warmup;
+    double ratio = double(s - tc.warmup) / std::max(1, tc.steps - tc.warmup);
+    ratio = std::clamp(ratio, 0.0, 1.0);
+    return tc.min_lr + 0.5 * (1.0 + std::cos(M_PI * ratio)) * (tc.lr - tc.min_lr);
+}
+
+AdamW::AdamW(GPT& model, const TrainConfig& tc) : model_(model), tc_(tc) {
+    m_ = model.backend().alloc(model.num_params());
+    v_ = model.backend().alloc(model.num_params());
+}
+
+AdamW::~AdamW() {
+    model_.backend().free_bytes(m_);
+    model_.backend().free_bytes(v_);
+}
+
+float AdamW::step(float lr) {
+    Backend& be = model_.backend();
+    const size_t n = model_.num_params();
+    float norm = (float)std::sqrt(be.sum_squares(model_.grads(), n));
+    if (tc_.grad_clip > 0) {
+        // torch.nn.utils.clip_grad_norm_: coefficient clip/(norm+1e-6), never above 1
+        float coef = (float)(tc_.grad_clip / (norm + 1e-6));
+        if (coef < 1.0f) be.scale(model_.grads(), coef, n);
+    }
+    t_++;
+    for (const ParamTensor& p : model_.params()) {
+        be.adamw_update(model_.weights() + p.offset, model_.grads() + p.offset, m_ + p.offset, v_ + p.offset,
+                        p.numel, lr, (float)tc_.beta1, (float)tc_.beta2, 1e-8f,
+                        p.decay ? (float)tc_.weight_decay : 0.0f, t_);
+    }
+    return norm;
+}
+
+std::vector<float> AdamW::get_m() const {
+    std::vector<float> h(model_.num_params());
+    model_.backend().download(h.data(), m_, h.size() * sizeof(float));
+    return h;
+}
+std::vector<float> AdamW::get_v() const {
+    std::vector<float> h(model_.num_params());
+    model_.backend().download(h.data(), v_, h.size() * sizeof(float));
+    return h;
+}
+void AdamW::set_state(const std::vector<float>& m, const std::vector<float>& v, int t) {
+    size_t n = model_.num_params();
+    if (m.size() != n || v.size() != n) fail("optimizer state has {} values, model has {} parameters", m.size(), n);
+    model_.backend().upload(m_, m.data(), n * sizeof(float));
+    model_.backend().upload(v_, v.data(), n * sizeof(float));
+    t_ = t;
+}
+
+}  // namespace moe

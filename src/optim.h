@@ -1,0 +1,34 @@
+/* AdamW with fp32 state, warmup + cosine learning rate, global-norm gradient clipping.
+   Same math as torch.optim.AdamW + clip_grad_norm_ (the oracle checks it step by step). */
+#pragma once
+#include "config.h"
+#include "model.h"
+
+namespace moe {
+
+// Learning rate for 0-based step s: linear warmup to lr over `warmup` steps, then cosine
+// decay to min_lr at step `steps`.
+double lr_at(const TrainConfig& tc, int s);
+
+class AdamW {
+public:
+    AdamW(GPT& model, const TrainConfig& tc);
+    ~AdamW();
+    AdamW(const AdamW&) = delete;
+    AdamW& operator=(const AdamW&) = delete;
+    // Clips the model's gradients to tc.grad_clip (if > 0) and applies one update with lr.
+    // Returns the gradient norm before clipping.
+    float step(float lr);
+    int t() const { return t_; }
+    // host copies of the state, for training-state checkpoints
+    std::vector<float> get_m() const, get_v() const;
+    void set_state(const std::vector<float>& m, const std::vector<float>& v, int t);
+private:
+    GPT& model_;
+    TrainConfig tc_;
+    float* m_ = nullptr;  // (num_params)
+    float* v_ = nullptr;  // (num_params)
+    int t_ = 0;
+};
+
+}  // namespace moe

@@ -1,0 +1,39 @@
+/* The training loop behind `moe train`, as a library function so tests can drive it:
+   data -> forward/backward (with gradient accumulation) -> AdamW, step lines, val loss,
+   metrics.jsonl, atomic checkpoints, bit-exact resume. */
+#pragma once
+#include "config.h"
+#include "data.h"
+#include "model.h"
+
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace moe {
+
+struct TrainOptions {
+    std::string resume;        // "" | "latest" | a checkpoint file or directory
+    bool quiet = false;        // no step lines (tests)
+    std::string config_name;   // shown in the header
+    int stop_after = 0;        // > 0: stop once this many steps are done, with a checkpoint
+                               // (as an interrupted run would); the schedule still spans train.steps
+};
+
+struct TrainSummary {
+    int first_step = 0;                          // steps completed before this run (resume)
+    std::vector<float> losses;                   // train loss of each step run here
+    std::vector<std::pair<int, float>> val_losses;
+    std::string final_checkpoint;
+};
+
+TrainSummary run_training(const Config& cfg, const TrainOptions& opt);
+
+// Mean loss over `batches` val batches read from the start of the loader (DESIGN.md: batch b
+// covers tokens [b*B*T, (b+1)*B*T + 1)).
+float evaluate(GPT& model, DataLoader& val, int batches);
+
+// Picks and creates the backend for train.device / train.threads (errors explain why not).
+std::unique_ptr<Backend> make_backend(const TrainConfig& tc);
+
+}  // namespace moe
