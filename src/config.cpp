@@ -252,8 +252,11 @@ struct Loader {
         for (const auto& kv : map) {
             YAML::Node k = kv.first, v = kv.second;
             std::string loc = at(k.Mark());
-            if (!k.IsScalar()) fail("{}: keys must be plain names ({})", prefix, loc);
+            if (!k.IsScalar())
+                fail("{}: keys must be plain names ({})", prefix.empty() ? "top level" : prefix, loc);
             std::string path = prefix.empty() ? k.Scalar() : prefix + "." + k.Scalar();
+            if (k.Scalar().find('.') != std::string::npos)  // "model.n_layer: 4" is --set syntax
+                fail("unknown key {}: nest it in its block instead of writing dots ({})", path, loc);
             if (!seen.insert(path).second) fail("duplicate key {} ({})", path, loc);
             where[path] = loc;
             if (kBlocks.count(path)) {

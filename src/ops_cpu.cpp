@@ -51,9 +51,11 @@ inline float exp_fast(float x) {
 // GEMM: C[m, n] (= or +=) bias[n] + sum_k A(m, k) * B(k, n), with A and B given by strides, so
 // one routine serves out = inp W^T, dinp = dout W and dweight = dout^T inp without transposes.
 // Blocking as in BLIS: B is packed once into column panels of NR (zero padded, so no column
-// tails in the kernel); each task owns an (MC rows x some panels) block of C, walks K in KC
-// slices and packs its A rows into MR-row micro-panels, so the micro-kernel reads both
-// operands contiguously and a KC x NR slice of B stays in L1 across the MR-row tiles.
+// tails in the kernel); each task owns an (MC rows x some panels) block of C and walks K in KC
+// slices; a KC x NR slice of B stays in L1 while the MR-row tiles of the block stream past it.
+// A is read in place when its rows are contiguous (inp, dout in dinp): packing it would cost
+// about as much as the FMAs when Nc is small (C = 128). When A is column-major (dout^T in
+// dweight) each slice is packed into MR-row micro-panels with contiguous copies.
 
 typedef float v16 __attribute__((vector_size(64)));  // 16 floats: 1 zmm, 2 ymm or 4 xmm
 typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));  // unaligned access
@@ -70,10 +72,12 @@ constexpr int KC = 256;            // K slice: KC*NR floats of B (32 KB with AVX
 constexpr int kMaxTiles = 16;      // at most 16*MR rows of A per task (stays in L2)
 constexpr int kPanelsPerTask = 8;  // at most 8*NR columns of C per task
 
-// C tile (mr x nr valid of MR x NR) += or = a-panel (kc x MR) times b-panel (kc x NR).
+// C tile (mr x nr valid of MR x NR) (+)= A tile (MR x kc) . b-panel (kc x NR).
+// A tile: kPacked ? a[k*MR + i] (micro-panel) : a[i*lda + k] (rows of A in place).
 // load_c: add to what C holds (else overwrite); bias (nr floats) or nullptr.
-inline void micro_kernel(int kc, const float* __restrict a, const float* __restrict b,
-                         float* c, size_t ldc, int mr, int nr, bool load_c, const float* bias) {
+template <bool kPacked>
+void micro_kernel(int kc, const float* __restrict a, size_t lda, const float* __restrict b,
+                  float* c, size_t ldc, int mr, int nr, bool load_c, const float* bias) {
     v16 acc[MR][NV];
     for (int i = 0; i < MR; i++)
         for (int v = 0; v < NV; v++) acc[i][v] = v16{};
@@ -81,7 +85,7 @@ inline void micro_kernel(int kc, const float* __restrict a, const float* __restr
         v16 bv[NV];
         for (int v = 0; v < NV; v++) bv[v] = *(const v16u*)(b + (size_t)k * NR + 16 * v);
         for (int i = 0; i < MR; i++) {
-            const float ai = a[(size_t)k * MR + i];  // broadcast
+            const float ai = kPacked ? a[(size_t)k * MR + i] : a[i * lda + k];  // broadcast
             for (int v = 0; v < NV; v++) acc[i][v] += ai * bv[v];
         }
     }
@@ -99,6 +103,23 @@ inline void micro_kernel(int kc, const float* __restrict a, const float* __restr
                 float* cp = c + (size_t)i * ldc + j;
                 *cp = (load_c ? *cp : 0.0f) + ((bias ? bias[j] : 0.0f) + acc[i][j / 16][j % 16]);
             }
+    }
+}
+
+// A(m, k) for m < mc, k < kc (zero for m >= mc) as MR-row micro-panels ap[tile][k][i].
+void pack_a(float* ap, const float* a0, size_t sam, size_t sak, int mc, int kc) {
+    const int tiles = (mc + MR - 1) / MR;
+    for (int t = 0; t < tiles; t++) {
+        float* dst = ap + (size_t)t * kc * MR;
+        const int rows = std::min(MR, mc - t * MR);
+        if (sam == 1 && rows == MR) {  // column-major A: MR contiguous floats per k
+            for (int k = 0; k < kc; k++)
+                for (int i = 0; i < MR; i++) dst[(size_t)k * MR + i] = a0[(size_t)k * sak + t * MR + i];
+            continue;
+        }
+        for (int k = 0; k < kc; k++)
+            for (int i = 0; i < MR; i++)
+                dst[(size_t)k * MR + i] = i < rows ? a0[(size_t)(t * MR + i) * sam + (size_t)k * sak] : 0.0f;
     }
 }
 
@@ -140,6 +161,7 @@ void gemm(float* c, size_t ldc,                          // (M, Nc), row stride 
     const int want_mb = std::max(1, (4 * omp_get_max_threads() + nb - 1) / nb);
     const int mc_max = MR * std::clamp((mtiles + want_mb - 1) / want_mb, 1, kMaxTiles);
     const int mb = (M + mc_max - 1) / mc_max;
+    const bool in_place = sak == 1;  // rows of A contiguous: the kernel reads them directly
 #pragma omp parallel for collapse(2) schedule(static)
     for (int ib = 0; ib < mb; ib++) {
         for (int jb = 0; jb < nb; jb++) {
@@ -147,32 +169,26 @@ void gemm(float* c, size_t ldc,                          // (M, Nc), row stride 
             apack.resize((size_t)mc_max * KC);
             float* ap = apack.data();
             const int m0 = ib * mc_max, mc = std::min(mc_max, M - m0);
+            const int full = in_place ? mc / MR * MR : 0;  // rows read in place; the rest packed
             const int p0 = jb * ppt, p1 = std::min(np, p0 + ppt);
             for (int k0 = 0; k0 < K; k0 += KC) {
                 const int kc = std::min(KC, K - k0);
-                // pack A rows m0..m0+mc, cols k0..k0+kc as MR-row micro-panels (k-major),
-                // rows past mc as zeros; read A along whichever direction is contiguous
                 const float* a0 = A + (size_t)m0 * sam + (size_t)k0 * sak;
-                const int mpad = (mc + MR - 1) / MR * MR;
-                if (sak == 1) {
-                    for (int m = 0; m < mpad; m++)
-                        for (int k = 0; k < kc; k++)
-                            ap[(size_t)(m / MR) * kc * MR + (size_t)k * MR + m % MR] =
-                                m < mc ? a0[(size_t)m * sam + k] : 0.0f;
-                } else {
-                    for (int k = 0; k < kc; k++)
-                        for (int m = 0; m < mpad; m++)
-                            ap[(size_t)(m / MR) * kc * MR + (size_t)k * MR + m % MR] =
-                                m < mc ? a0[(size_t)k * sak + (size_t)m * sam] : 0.0f;
-                }
+                if (full < mc) pack_a(ap, a0 + (size_t)full * sam, sam, sak, mc - full, kc);
                 const bool first = k0 == 0;
                 for (int p = p0; p < p1; p++) {
-                    const int n0 = p * NR;
+                    const int n0 = p * NR, nr = std::min(NR, Nc - n0);
                     const float* bpanel = bp + (size_t)p * K * NR + (size_t)k0 * NR;
-                    for (int r = 0; r < mc; r += MR)
-                        micro_kernel(kc, ap + (size_t)r * kc, bpanel, c + (size_t)(m0 + r) * ldc + n0,
-                                     ldc, std::min(MR, mc - r), std::min(NR, Nc - n0),
-                                     accumulate || !first, first && bias ? bias + n0 : nullptr);
+                    const float* bb = first && bias ? bias + n0 : nullptr;
+                    const bool load_c = accumulate || !first;
+                    for (int r = 0; r < mc; r += MR) {
+                        float* ct = c + (size_t)(m0 + r) * ldc + n0;
+                        const int mr = std::min(MR, mc - r);
+                        if (r < full)
+                            micro_kernel<false>(kc, a0 + (size_t)r * sam, sam, bpanel, ct, ldc, mr, nr, load_c, bb);
+                        else
+                            micro_kernel<true>(kc, ap + (size_t)(r - full) * kc, 0, bpanel, ct, ldc, mr, nr, load_c, bb);
+                    }
                 }
             }
         }

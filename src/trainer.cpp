@@ -94,6 +94,7 @@ TrainSummary run_training(const Config& cfg, const TrainOptions& opt) {
 
     std::vector<int> inp((size_t)B * T), tgt((size_t)B * T);
     auto t_begin = Clock::now();
+    double train_ms = 0.0;  // optimizer steps only: eval and checkpoint time is reported apart
     for (int step = start; step < tc.steps; step++) {
         auto t0 = Clock::now();
         model.zero_grad();
@@ -108,6 +109,7 @@ TrainSummary run_training(const Config& cfg, const TrainOptions& opt) {
         be->synchronize();
         double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
         const int done = step + 1;
+        train_ms += ms;
         sum.losses.push_back((float)loss);
         if (!opt.quiet) {
             fmt::print("step {:>{}}/{} | loss {:.6f} | lr {:.1e} | norm {:.2f} | {:.1f} ms | {} tok/s\n", done, width,
@@ -138,8 +140,9 @@ TrainSummary run_training(const Config& cfg, const TrainOptions& opt) {
     if (!opt.quiet && !sum.losses.empty()) {
         double secs = std::chrono::duration<double>(Clock::now() - t_begin).count();
         int ran = (int)sum.losses.size();
-        fmt::print("done: {} steps in {:.1f} s ({:.0f} ms/step, {} tok/s) | final loss {:.4f}", ran, secs,
-                   1000.0 * secs / ran, human(tokens_per_step * ran / secs), sum.losses.back());
+        fmt::print("done: {} steps in {:.1f} s ({:.0f} ms/step, {} tok/s; eval and checkpoints {:.1f} s) | final loss {:.4f}",
+                   ran, secs, train_ms / ran, human(tokens_per_step * ran / (train_ms / 1000.0)),
+                   secs - train_ms / 1000.0, sum.losses.back());
         if (!sum.val_losses.empty()) fmt::print(" | val loss {:.4f}", sum.val_losses.back().second);
         fmt::print("\ncheckpoint: {}\n", sum.final_checkpoint);
     }

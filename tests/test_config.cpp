@@ -310,6 +310,8 @@ TEST_CASE("config: unknown keys at any level") {
     expect_error("moe:\n  experts: 4\n", {"unknown key moe", "model.moe", "x.yaml:1)"});
     expect_error("data:\n  train: a\n  test: b\n", {"unknown key data.test", "x.yaml:3)"});
     expect_error("model:\n  n_layer: 2\n  n_layer: 3\n", {"duplicate key model.n_layer", "x.yaml:3)"});
+    expect_error("model:\n  n_layer: 2\nmodel.n_layer: 3\n", {"unknown key model.n_layer", "x.yaml:3)"});
+    expect_error("? [a, b]\n: 3\n", {"top level: keys must be plain names", "x.yaml:1)"});
 }
 
 TEST_CASE("config: values must have the key's type") {
