@@ -46,6 +46,18 @@ struct Backend {
     virtual void crossentropy_softmax_backward(float* dlogits, const float* probs, const int* targets, float dloss,
                                                int N, int V) = 0;
 
+    // MoE ops (contracts in ops_moe_cpu.h)
+    virtual void moe_dispatch_forward(float* out, const float* x, const int* token, int A, int C) = 0;
+    virtual void moe_dispatch_backward(float* dx, const float* dout, const int* tok_offsets, const int* tok_assign,
+                                       int N, int C) = 0;
+    virtual void moe_combine_forward(float* out, const float* y, const float* gate, const int* tok_offsets,
+                                     const int* tok_assign, int N, int C) = 0;
+    virtual void moe_combine_backward(float* dy, float* dgate, const float* dout, const float* y, const float* gate,
+                                      const int* token, int A, int C) = 0;
+    virtual void swiglu_forward(float* out, const float* inp, size_t N, int F) = 0;
+    virtual void swiglu_backward(float* dinp, const float* inp, const float* dout, size_t N, int F) = 0;
+    virtual void mul_accumulate(float* out, const float* a, const float* b, size_t n) = 0;
+
     // optimizer ops
     // sum of squares of g (n floats), reduced in a fixed order so that runs are reproducible
     virtual double sum_squares(const float* g, size_t n) = 0;

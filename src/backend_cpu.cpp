@@ -3,6 +3,7 @@
    thread count (resume depends on it). */
 #include "backend.h"
 #include "ops_cpu.h"
+#include "ops_moe_cpu.h"
 
 #include <cmath>
 #include <cstdlib>
@@ -74,6 +75,29 @@ struct CpuBackend final : Backend {
     void crossentropy_softmax_backward(float* dlogits, const float* probs, const int* targets, float dloss,
                                        int N, int V) override {
         moe::crossentropy_softmax_backward(dlogits, probs, targets, dloss, N, V);
+    }
+
+    void moe_dispatch_forward(float* out, const float* x, const int* token, int A, int C) override {
+        moe::moe_dispatch_forward(out, x, token, A, C);
+    }
+    void moe_dispatch_backward(float* dx, const float* dout, const int* tok_offsets, const int* tok_assign,
+                               int N, int C) override {
+        moe::moe_dispatch_backward(dx, dout, tok_offsets, tok_assign, N, C);
+    }
+    void moe_combine_forward(float* out, const float* y, const float* gate, const int* tok_offsets,
+                             const int* tok_assign, int N, int C) override {
+        moe::moe_combine_forward(out, y, gate, tok_offsets, tok_assign, N, C);
+    }
+    void moe_combine_backward(float* dy, float* dgate, const float* dout, const float* y, const float* gate,
+                              const int* token, int A, int C) override {
+        moe::moe_combine_backward(dy, dgate, dout, y, gate, token, A, C);
+    }
+    void swiglu_forward(float* out, const float* inp, size_t N, int F) override { moe::swiglu_forward(out, inp, N, F); }
+    void swiglu_backward(float* dinp, const float* inp, const float* dout, size_t N, int F) override {
+        moe::swiglu_backward(dinp, inp, dout, N, F);
+    }
+    void mul_accumulate(float* out, const float* a, const float* b, size_t n) override {
+        moe::mul_accumulate(out, a, b, n);
     }
 
     double sum_squares(const float* g, size_t n) override {

@@ -9,9 +9,14 @@
 
 namespace moe {
 
-GPT::GPT(const ModelConfig& cfg, Backend& be) : cfg_(cfg), be_(be) {
+GPT::GPT(const Config& full, Backend& be) : cfg_(full), be_(be), rng_((uint64_t)full.train.seed ^ 0x5DEECE66Dull) {
+    const ModelConfig& cfg = full.model;
     const int64_t V = cfg.vocab_size, T = cfg.seq_len, C = cfg.d_model, F = cfg.d_ff;
-    if (cfg.moe.enabled) fail("MoE layers are not available in this build yet (model.moe)");
+    auto add = [this](const std::string& name, std::vector<int64_t> shape) {
+        add_param(name, std::move(shape));
+        return params_.size() - 1;
+    };
+    moe_.resize(cfg.n_layer);
     wte_ = params_.size(); add_param("wte", {V, C});
     wpe_ = params_.size(); add_param("wpe", {T, C});
     for (int l = 0; l < cfg.n_layer; l++) {
@@ -25,10 +30,15 @@ GPT::GPT(const ModelConfig& cfg, Backend& be) : cfg_(cfg), be_(be) {
         lp.attprojb = params_.size(); add_param(p + "attn.c_proj.bias", {C});
         lp.ln2w = params_.size(); add_param(p + "ln_2.weight", {C});
         lp.ln2b = params_.size(); add_param(p + "ln_2.bias", {C});
-        lp.fcw = params_.size(); add_param(p + "mlp.c_fc.weight", {F, C});
-        lp.fcb = params_.size(); add_param(p + "mlp.c_fc.bias", {F});
-        lp.fcprojw = params_.size(); add_param(p + "mlp.c_proj.weight", {C, F});
-        lp.fcprojb = params_.size(); add_param(p + "mlp.c_proj.bias", {C});
+        if (cfg.is_moe_layer(l)) {
+            moe_[l] = std::make_unique<MoeLayer>(full, l, be, params_, add);
+            lp.fcw = lp.fcb = lp.fcprojw = lp.fcprojb = SIZE_MAX;
+        } else {
+            lp.fcw = add(p + "mlp.c_fc.weight", {F, C});
+            lp.fcb = add(p + "mlp.c_fc.bias", {F});
+            lp.fcprojw = add(p + "mlp.c_proj.weight", {C, F});
+            lp.fcprojb = add(p + "mlp.c_proj.bias", {C});
+        }
         layers_.push_back(lp);
     }
     lnfw_ = params_.size(); add_param("ln_f.weight", {C});
@@ -63,18 +73,22 @@ const ParamTensor& GPT::param(const std::string& name) const {
 void GPT::init_weights(uint64_t seed) {
     Rng rng(seed);
     std::vector<float> host(num_params_, 0.0f);
-    const float std_resid = 0.02f / std::sqrt(2.0f * cfg_.n_layer);
+    const float std_resid = 0.02f / std::sqrt(2.0f * cfg_.model.n_layer);
+    auto ends_with = [](const std::string& s, const std::string& suf) {
+        return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
+    };
     for (const auto& p : params_) {
         float* dst = host.data() + p.offset;
-        bool is_ln_weight = p.name.find("ln_") != std::string::npos && p.name.find(".weight") != std::string::npos;
-        bool is_bias = p.shape.size() == 1 && !is_ln_weight;
-        bool is_resid_proj = p.name.find("c_proj.weight") != std::string::npos;
+        bool is_ln_weight = p.name.find("ln_") != std::string::npos && ends_with(p.name, ".weight");
+        bool is_zero = ends_with(p.name, ".bias") || ends_with(p.name, "noise_weight");
+        bool is_resid_proj = ends_with(p.name, "c_proj.weight");
         for (size_t i = 0; i < p.numel; i++) {
             if (is_ln_weight) dst[i] = 1.0f;
-            else if (is_bias) dst[i] = 0.0f;
+            else if (is_zero) dst[i] = 0.0f;
             else dst[i] = rng.normal() * (is_resid_proj ? std_resid : 0.02f);
         }
     }
+    for (auto& m : moe_) if (m) m->init(host.data(), rng);
     set_weights(host);
 }
 
@@ -103,8 +117,8 @@ void GPT::free_activations() {
 void GPT::ensure_activations(int B, int T) {
     if (acts_.B == B && acts_.T == T) return;
     free_activations();
-    const size_t N = (size_t)B * T, C = cfg_.d_model, F = cfg_.d_ff, V = cfg_.vocab_size, NH = cfg_.n_head;
-    const size_t L = cfg_.n_layer, att = (size_t)B * NH * T * T;
+    const size_t N = (size_t)B * T, C = cfg_.model.d_model, F = cfg_.model.d_ff, V = cfg_.model.vocab_size;
+    const size_t NH = cfg_.model.n_head, L = cfg_.model.n_layer, att = (size_t)B * NH * T * T;
     auto f = [&](size_t n) { float* p = be_.alloc(n); act_allocs_.push_back(p); return p; };
     auto per_layer = [&](std::vector<float*>& v, size_t n) { v.clear(); for (size_t l = 0; l < L; l++) v.push_back(f(n)); };
     Activations& a = acts_;
@@ -114,7 +128,9 @@ void GPT::ensure_activations(int B, int T) {
     per_layer(a.qkv, N * 3 * C); per_layer(a.atty, N * C); per_layer(a.preatt, att); per_layer(a.att, att);
     per_layer(a.residual2, N * C);
     per_layer(a.ln2, N * C); per_layer(a.ln2_mean, N); per_layer(a.ln2_rstd, N);
-    per_layer(a.fch, N * F); per_layer(a.fch_gelu, N * F);
+    a.fch.assign(L, nullptr); a.fch_gelu.assign(L, nullptr);
+    for (size_t l = 0; l < L; l++)
+        if (!moe_[l]) { a.fch[l] = f(N * F); a.fch_gelu[l] = f(N * F); }
     per_layer(a.residual3, N * C);
     a.lnf = f(N * C); a.lnf_mean = f(N); a.lnf_rstd = f(N);
     a.logits = f(N * V); a.probs = f(N * V); a.losses = f(N);
@@ -128,8 +144,9 @@ void GPT::ensure_activations(int B, int T) {
 }
 
 float GPT::forward(const int* inputs, const int* targets, int B, int T) {
-    if (T > cfg_.seq_len) fail("sequence length {} exceeds model.seq_len {}", T, cfg_.seq_len);
-    const int C = cfg_.d_model, F = cfg_.d_ff, V = cfg_.vocab_size, NH = cfg_.n_head, N = B * T;
+    const ModelConfig& mc = cfg_.model;
+    if (T > mc.seq_len) fail("sequence length {} exceeds model.seq_len {}", T, mc.seq_len);
+    const int C = mc.d_model, F = mc.d_ff, V = mc.vocab_size, NH = mc.n_head, N = B * T;
     for (int i = 0; i < N; i++) {
         if (inputs[i] < 0 || inputs[i] >= V || targets[i] < 0 || targets[i] >= V)
             fail("token id {} out of range for vocab_size {}", inputs[i] < 0 || inputs[i] >= V ? inputs[i] : targets[i], V);
@@ -138,10 +155,11 @@ float GPT::forward(const int* inputs, const int* targets, int B, int T) {
     Activations& a = acts_;
     be_.upload(a.inputs, inputs, (size_t)N * sizeof(int));
     be_.upload(a.targets, targets, (size_t)N * sizeof(int));
+    host_inputs_.assign(inputs, inputs + N);
 
     be_.encoder_forward(a.encoded, a.inputs, w(wte_), w(wpe_), B, T, C);  // (N, C)
     const float* residual = a.encoded;
-    for (int l = 0; l < cfg_.n_layer; l++) {
+    for (int l = 0; l < mc.n_layer; l++) {
         const LayerParams& p = layers_[l];
         be_.layernorm_forward(a.ln1[l], a.ln1_mean[l], a.ln1_rstd[l], residual, w(p.ln1w), w(p.ln1b), N, C);
         be_.matmul_forward(a.qkv[l], a.ln1[l], w(p.qkvw), w(p.qkvb), N, C, 3 * C);          // (N, 3C)
@@ -149,9 +167,13 @@ float GPT::forward(const int* inputs, const int* targets, int B, int T) {
         be_.matmul_forward(a.residual2[l], a.atty[l], w(p.attprojw), w(p.attprojb), N, C, C);
         be_.residual_forward(a.residual2[l], a.residual2[l], residual, (size_t)N * C);      // x + attn
         be_.layernorm_forward(a.ln2[l], a.ln2_mean[l], a.ln2_rstd[l], a.residual2[l], w(p.ln2w), w(p.ln2b), N, C);
-        be_.matmul_forward(a.fch[l], a.ln2[l], w(p.fcw), w(p.fcb), N, C, F);                // (N, F)
-        be_.gelu_forward(a.fch_gelu[l], a.fch[l], (size_t)N * F);
-        be_.matmul_forward(a.residual3[l], a.fch_gelu[l], w(p.fcprojw), w(p.fcprojb), N, F, C);
+        if (moe_[l]) {
+            moe_[l]->forward(a.residual3[l], a.ln2[l], host_inputs_.data(), B, T, training_, weights_, rng_);
+        } else {
+            be_.matmul_forward(a.fch[l], a.ln2[l], w(p.fcw), w(p.fcb), N, C, F);            // (N, F)
+            be_.gelu_forward(a.fch_gelu[l], a.fch[l], (size_t)N * F);
+            be_.matmul_forward(a.residual3[l], a.fch_gelu[l], w(p.fcprojw), w(p.fcprojb), N, F, C);
+        }
         be_.residual_forward(a.residual3[l], a.residual3[l], a.residual2[l], (size_t)N * C);  // x + ffn
         residual = a.residual3[l];
     }
@@ -167,7 +189,8 @@ float GPT::forward(const int* inputs, const int* targets, int B, int T) {
 void GPT::backward(float dloss_scale) {
     Activations& a = acts_;
     if (!a.B) fail("backward() called before forward()");
-    const int B = a.B, T = a.T, C = cfg_.d_model, F = cfg_.d_ff, V = cfg_.vocab_size, NH = cfg_.n_head, N = B * T;
+    const ModelConfig& mc = cfg_.model;
+    const int B = a.B, T = a.T, C = mc.d_model, F = mc.d_ff, V = mc.vocab_size, NH = mc.n_head, N = B * T;
     const size_t NC = (size_t)N * C, att_bytes = (size_t)B * NH * T * T * sizeof(float);
 
     be_.zero(a.dlogits, (size_t)N * V * sizeof(float));
@@ -175,19 +198,23 @@ void GPT::backward(float dloss_scale) {
     be_.zero(a.dln, NC * sizeof(float));
     be_.matmul_backward(a.dln, g(wte_), nullptr, a.dlogits, a.lnf, w(wte_), N, C, V);
     be_.zero(a.dresidual, NC * sizeof(float));
-    const float* last = cfg_.n_layer ? a.residual3[cfg_.n_layer - 1] : a.encoded;
+    const float* last = mc.n_layer ? a.residual3[mc.n_layer - 1] : a.encoded;
     be_.layernorm_backward(a.dresidual, g(lnfw_), g(lnfb_), a.dln, last, w(lnfw_), a.lnf_mean, a.lnf_rstd, N, C);
 
-    for (int l = cfg_.n_layer - 1; l >= 0; l--) {
+    for (int l = mc.n_layer - 1; l >= 0; l--) {
         const LayerParams& p = layers_[l];
         const float* residual = l == 0 ? a.encoded : a.residual3[l - 1];
         // dresidual holds d(residual3[l]); the skip passes it through unchanged to residual2.
-        be_.zero(a.dproj_in, (size_t)N * F * sizeof(float));
-        be_.matmul_backward(a.dproj_in, g(p.fcprojw), g(p.fcprojb), a.dresidual, a.fch_gelu[l], w(p.fcprojw), N, F, C);
-        be_.zero(a.dhidden, (size_t)N * F * sizeof(float));
-        be_.gelu_backward(a.dhidden, a.fch[l], a.dproj_in, (size_t)N * F);
         be_.zero(a.dln, NC * sizeof(float));
-        be_.matmul_backward(a.dln, g(p.fcw), g(p.fcb), a.dhidden, a.ln2[l], w(p.fcw), N, C, F);
+        if (moe_[l]) {
+            moe_[l]->backward(a.dln, a.dresidual, weights_, grads_, dloss_scale);
+        } else {
+            be_.zero(a.dproj_in, (size_t)N * F * sizeof(float));
+            be_.matmul_backward(a.dproj_in, g(p.fcprojw), g(p.fcprojb), a.dresidual, a.fch_gelu[l], w(p.fcprojw), N, F, C);
+            be_.zero(a.dhidden, (size_t)N * F * sizeof(float));
+            be_.gelu_backward(a.dhidden, a.fch[l], a.dproj_in, (size_t)N * F);
+            be_.matmul_backward(a.dln, g(p.fcw), g(p.fcb), a.dhidden, a.ln2[l], w(p.fcw), N, C, F);
+        }
         be_.layernorm_backward(a.dresidual, g(p.ln2w), g(p.ln2b), a.dln, a.residual2[l], w(p.ln2w),
                                a.ln2_mean[l], a.ln2_rstd[l], N, C);
         // dresidual now holds d(residual2[l])
@@ -204,6 +231,29 @@ void GPT::backward(float dloss_scale) {
         // dresidual now holds d(residual3[l-1])
     }
     be_.encoder_backward(g(wte_), g(wpe_), a.dresidual, a.inputs, B, T, C);
+}
+
+std::vector<MoeLayer*> GPT::moe_layers() {
+    std::vector<MoeLayer*> out;
+    for (auto& m : moe_) if (m) out.push_back(m.get());
+    return out;
+}
+
+MoeStats GPT::balance_totals() const {
+    MoeStats t;
+    for (const auto& m : moe_) if (m) t.add(m->stats());
+    return t;
+}
+
+std::vector<GPT::Buffer> GPT::buffers() {
+    std::vector<Buffer> out;
+    for (auto& m : moe_) {
+        if (!m) continue;
+        std::string p = "h." + std::to_string(m->layer()) + ".moe.router.";
+        if (m->has_bias()) out.push_back({p + "expert_bias", "F32", {(int64_t)m->expert_bias().size()}, m->expert_bias().data()});
+        if (m->has_hash()) out.push_back({p + "hash_table", "I32", {(int64_t)m->hash_table().size()}, m->hash_table().data()});
+    }
+    return out;
 }
 
 }  // namespace moe

@@ -4,6 +4,9 @@
 #pragma once
 #include "backend.h"
 #include "config.h"
+#include "moe.h"
+
+#include <memory>
 
 #include <cstdint>
 #include <string>
@@ -21,13 +24,17 @@ struct ParamTensor {
 
 class GPT {
 public:
-    GPT(const ModelConfig& cfg, Backend& be);
+    GPT(const Config& cfg, Backend& be);
     ~GPT();
     GPT(const GPT&) = delete;
     GPT& operator=(const GPT&) = delete;
 
-    // GPT-2 init: N(0, 0.02), residual projections N(0, 0.02/sqrt(2L)), biases 0, LN weights 1.
+    // GPT-2 init: N(0, 0.02), residual projections N(0, 0.02/sqrt(2L)), biases 0, LN weights 1;
+    // MoE tensors as docs/moe.md says (noise weight 0, random hash tables).
     void init_weights(uint64_t seed);
+    // Training mode: router noise, training capacity, Sinkhorn, balancing terms (default on).
+    void set_training(bool on) { training_ = on; }
+    bool training() const { return training_; }
 
     // inputs/targets are host arrays (B, T) with B <= max_batch set by ensure_batch() and
     // T <= seq_len. Returns the mean cross-entropy over the B*T tokens (targets required).
@@ -37,7 +44,16 @@ public:
     void backward(float dloss_scale = 1.0f);
     void zero_grad();
 
-    const ModelConfig& config() const { return cfg_; }
+    const ModelConfig& config() const { return cfg_.model; }
+    const Config& full_config() const { return cfg_; }
+    // MoE layers in layer order (empty for a dense model), their stats of the last forward.
+    std::vector<MoeLayer*> moe_layers();
+    // Balancing terms of the last forward summed over MoE layers (coefficients included).
+    MoeStats balance_totals() const;
+    // Non-trained tensors saved with the model (expert_bias F32, hash_table I32), host memory.
+    struct Buffer { std::string name, dtype; std::vector<int64_t> shape; void* data; };
+    std::vector<Buffer> buffers();
+    Rng& rng() { return rng_; }
     const std::vector<ParamTensor>& params() const { return params_; }
     const ParamTensor& param(const std::string& name) const;
     size_t num_params() const { return num_params_; }
@@ -58,8 +74,12 @@ private:
     float* w(size_t idx) { return weights_ + params_[idx].offset; }
     float* g(size_t idx) { return grads_ + params_[idx].offset; }
 
-    ModelConfig cfg_;
+    Config cfg_;
     Backend& be_;
+    bool training_ = true;
+    Rng rng_;
+    std::vector<std::unique_ptr<MoeLayer>> moe_;   // (n_layer), nullptr for dense layers
+    std::vector<int> host_inputs_;                 // (B*T) token ids of the last forward
     std::vector<ParamTensor> params_;
     size_t num_params_ = 0;
     float* weights_ = nullptr;
@@ -80,7 +100,7 @@ private:
         std::vector<float*> qkv, atty, preatt, att;    // (N, 3C), (N, C), (B, NH, T, T) x2
         std::vector<float*> residual2;                 // (N, C) after attention
         std::vector<float*> ln2, ln2_mean, ln2_rstd;
-        std::vector<float*> fch, fch_gelu;             // (N, F) dense FFN hidden
+        std::vector<float*> fch, fch_gelu;             // (N, F) dense FFN hidden (dense layers)
         std::vector<float*> residual3;                 // (N, C) block output
         float* lnf = nullptr; float* lnf_mean = nullptr; float* lnf_rstd = nullptr;
         float* logits = nullptr;                   // (N, V)

@@ -28,6 +28,7 @@ void save_model(const std::string& path, GPT& model, const Config& cfg, int step
     std::vector<float> w = model.get_weights();
     std::vector<TensorView> views;
     for (const ParamTensor& p : model.params()) views.push_back({p.name, "F32", p.shape, w.data() + p.offset});
+    for (const GPT::Buffer& b : model.buffers()) views.push_back({b.name, b.dtype, b.shape, b.data});
     save_safetensors(path, views, {{"format", "moe-ckpt-1"}, {"config", config_to_yaml(cfg)},
                                    {"step", std::to_string(step)}});
 }
@@ -55,9 +56,20 @@ static int load_tensors(const SafeTensors& st, GPT& model) {
     check_format(st, "moe-ckpt-1");
     std::vector<float> w(model.num_params());
     for (const ParamTensor& p : model.params()) st.get(p.name, p.shape).to_f32(w.data() + p.offset);
+    std::vector<GPT::Buffer> bufs = model.buffers();
+    for (const GPT::Buffer& b : bufs) {
+        const TensorData& t = st.get(b.name, b.shape);
+        if (b.dtype == "F32") { t.to_f32((float*)b.data); continue; }
+        std::vector<int32_t> v = t.i32();
+        const int E = model.config().moe.experts;
+        for (size_t i = 0; i < v.size(); i++)
+            if (v[i] < 0 || v[i] >= E) fail("{}[{}] = {} is not an expert index in [0, {}) ({})", b.name, i, v[i], E, st.path);
+        std::copy(v.begin(), v.end(), (int32_t*)b.data);
+    }
     for (const auto& kv : st.tensors) {
         bool known = false;
         for (const ParamTensor& p : model.params()) known |= p.name == kv.first;
+        for (const GPT::Buffer& b : bufs) known |= b.name == kv.first;
         if (!known) fail("unexpected tensor {} for this model config ({})", kv.first, st.path);
     }
     model.set_weights(w);
@@ -69,7 +81,7 @@ LoadedModel load_model(const std::string& path, Backend& be) {
     check_format(st, "moe-ckpt-1");
     LoadedModel out;
     out.cfg = parse_config(st.meta("config"), path + " metadata");
-    out.model = std::make_unique<GPT>(out.cfg.model, be);
+    out.model = std::make_unique<GPT>(out.cfg, be);
     out.step = load_tensors(st, *out.model);
     return out;
 }

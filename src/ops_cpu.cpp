@@ -51,72 +51,74 @@ inline float exp_fast(float x) {
 // GEMM: C[m, n] (= or +=) bias[n] + sum_k A(m, k) * B(k, n), with A and B given by strides, so
 // one routine serves out = inp W^T, dinp = dout W and dweight = dout^T inp without transposes.
 // Blocking as in BLIS: B is packed once into column panels of NR (zero padded, so no column
-// tails in the kernel); each task owns an (MC rows x some panels) block of C and walks K in KC
-// slices; a KC x NR slice of B stays in L1 while the MR-row tiles of the block stream past it.
-// A is read in place when its rows are contiguous (inp, dout in dinp): packing it would cost
-// about as much as the FMAs when Nc is small (C = 128). When A is column-major (dout^T in
-// dweight) each slice is packed into MR-row micro-panels with contiguous copies.
+// tails in the kernel), which also keeps power-of-two row strides from thrashing L1 sets. Each
+// task owns an (MC rows x some panels) block of C and walks K in KC slices; a KC x NR slice of
+// B stays in L1 while the MR-row tiles of the block stream past it. A is not packed: both of
+// its uses have a contiguous direction (rows of inp/dout, or columns of dout^T in dweight)
+// that the kernel reads in place; packing it would cost about as much as the FMAs when Nc is
+// small (C = 128). Only a last tile of fewer than MR rows is copied, zero padded.
 
-typedef float v16 __attribute__((vector_size(64)));  // 16 floats: 1 zmm, 2 ymm or 4 xmm
-typedef float v16u __attribute__((vector_size(64), aligned(4), may_alias));  // unaligned access
-
+// One native vector of VL floats (GCC vector extension: the kernel below is plain C++ that
+// compiles to broadcast + FMA on any x86-64 level). C tile: MR rows x NV vectors.
 #if defined(__AVX512F__)
-constexpr int MR = 8, NV = 2;  // 8 x 32 tile: 16 of the 32 zmm registers accumulate
+constexpr int VL = 16, MR = 8, NV = 2;  // 8 x 32: 16 of the 32 zmm registers accumulate
 #elif defined(__AVX__)
-constexpr int MR = 6, NV = 1;  // 6 x 16 tile: 12 of the 16 ymm registers accumulate
+constexpr int VL = 8, MR = 6, NV = 2;   // 6 x 16: 12 of the 16 ymm registers accumulate
 #else
-constexpr int MR = 2, NV = 1;  // SSE: 8 of 16 xmm registers
+constexpr int VL = 4, MR = 4, NV = 2;   // 4 x 8: 8 of the 16 xmm registers accumulate
 #endif
-constexpr int NR = 16 * NV;
+typedef float vec __attribute__((vector_size(VL * 4)));
+typedef float vecu __attribute__((vector_size(VL * 4), aligned(4), may_alias));  // unaligned
+constexpr int NR = VL * NV;
 constexpr int KC = 256;            // K slice: KC*NR floats of B (32 KB with AVX-512) fit L1
 constexpr int kMaxTiles = 16;      // at most 16*MR rows of A per task (stays in L2)
 constexpr int kPanelsPerTask = 8;  // at most 8*NR columns of C per task
 
+// How the micro-kernel finds A(i, k) of its MR x kc tile: a packed micro-panel a[k*MR + i],
+// rows of A in place a[i*lda + k], or columns of A in place a[k*lda + i].
+enum ALayout { kPacked, kRows, kCols };
+
 // C tile (mr x nr valid of MR x NR) (+)= A tile (MR x kc) . b-panel (kc x NR).
-// A tile: kPacked ? a[k*MR + i] (micro-panel) : a[i*lda + k] (rows of A in place).
 // load_c: add to what C holds (else overwrite); bias (nr floats) or nullptr.
-template <bool kPacked>
+template <ALayout L>
 void micro_kernel(int kc, const float* __restrict a, size_t lda, const float* __restrict b,
                   float* c, size_t ldc, int mr, int nr, bool load_c, const float* bias) {
-    v16 acc[MR][NV];
+    vec acc[MR][NV];
     for (int i = 0; i < MR; i++)
-        for (int v = 0; v < NV; v++) acc[i][v] = v16{};
+        for (int v = 0; v < NV; v++) acc[i][v] = vec{};
     for (int k = 0; k < kc; k++) {
-        v16 bv[NV];
-        for (int v = 0; v < NV; v++) bv[v] = *(const v16u*)(b + (size_t)k * NR + 16 * v);
+        // columns in place: rows of A are lda apart, too far for the hardware prefetcher
+        if (L == kCols && k + 16 < kc) __builtin_prefetch(a + (k + 16) * lda);
+        vec bv[NV];
+        for (int v = 0; v < NV; v++) bv[v] = *(const vecu*)(b + (size_t)k * NR + VL * v);
         for (int i = 0; i < MR; i++) {
-            const float ai = kPacked ? a[(size_t)k * MR + i] : a[i * lda + k];  // broadcast
+            const float ai = L == kPacked ? a[(size_t)k * MR + i]  // broadcast
+                             : L == kRows ? a[i * lda + k] : a[k * lda + i];
             for (int v = 0; v < NV; v++) acc[i][v] += ai * bv[v];
         }
     }
     if (mr == MR && nr == NR) {
         for (int i = 0; i < MR; i++)
             for (int v = 0; v < NV; v++) {
-                v16u* cp = (v16u*)(c + (size_t)i * ldc + 16 * v);
-                const v16 cv = load_c ? *cp : v16{};
-                const v16 bb = bias ? *(const v16u*)(bias + 16 * v) : v16{};
+                vecu* cp = (vecu*)(c + (size_t)i * ldc + VL * v);
+                const vec cv = load_c ? *cp : vec{};
+                const vec bb = bias ? *(const vecu*)(bias + VL * v) : vec{};
                 *cp = cv + (bb + acc[i][v]);
             }
     } else {  // edge tile of C: only the valid part is touched
         for (int i = 0; i < mr; i++)
             for (int j = 0; j < nr; j++) {
                 float* cp = c + (size_t)i * ldc + j;
-                *cp = (load_c ? *cp : 0.0f) + ((bias ? bias[j] : 0.0f) + acc[i][j / 16][j % 16]);
+                *cp = (load_c ? *cp : 0.0f) + ((bias ? bias[j] : 0.0f) + acc[i][j / VL][j % VL]);
             }
     }
 }
 
 // A(m, k) for m < mc, k < kc (zero for m >= mc) as MR-row micro-panels ap[tile][k][i].
 void pack_a(float* ap, const float* a0, size_t sam, size_t sak, int mc, int kc) {
-    const int tiles = (mc + MR - 1) / MR;
-    for (int t = 0; t < tiles; t++) {
+    for (int t = 0; t * MR < mc; t++) {
         float* dst = ap + (size_t)t * kc * MR;
         const int rows = std::min(MR, mc - t * MR);
-        if (sam == 1 && rows == MR) {  // column-major A: MR contiguous floats per k
-            for (int k = 0; k < kc; k++)
-                for (int i = 0; i < MR; i++) dst[(size_t)k * MR + i] = a0[(size_t)k * sak + t * MR + i];
-            continue;
-        }
         for (int k = 0; k < kc; k++)
             for (int i = 0; i < MR; i++)
                 dst[(size_t)k * MR + i] = i < rows ? a0[(size_t)(t * MR + i) * sam + (size_t)k * sak] : 0.0f;
@@ -153,15 +155,24 @@ void gemm(float* c, size_t ldc,                          // (M, Nc), row stride 
                     dst[(size_t)k * NR + j] = j < w ? src[(size_t)k * sbk + (size_t)j * sbn] : 0.0f;
         }
     }
-    // task grid: enough (row block, panel group) tasks for ~4 per thread, as long as a row
-    // block keeps at least one MR tile and at most kMaxTiles of them
-    const int ppt = std::min(np, kPanelsPerTask);
-    const int nb = (np + ppt - 1) / ppt;
-    const int mtiles = (M + MR - 1) / MR;
-    const int want_mb = std::max(1, (4 * omp_get_max_threads() + nb - 1) / nb);
-    const int mc_max = MR * std::clamp((mtiles + want_mb - 1) / want_mb, 1, kMaxTiles);
-    const int mb = (M + mc_max - 1) / mc_max;
-    const bool in_place = sak == 1;  // rows of A contiguous: the kernel reads them directly
+    // task grid of (row block, panel group) tasks, ~4 per thread. Each task streams its rows
+    // of A once per panel group and its panels of B once per row block, so the split goes
+    // along the dimension of the bigger operand: rows (inp, dout) unless B is the bigger one
+    // (inp in dweight when C > OC), then panels with row blocks as tall as allowed.
+    const int want = 4 * omp_get_max_threads(), mtiles = (M + MR - 1) / MR;
+    int ppt, mc_max;
+    if ((size_t)M >= (size_t)Nc) {
+        ppt = std::min(np, kPanelsPerTask);
+        const int want_mb = std::max(1, want / ((np + ppt - 1) / ppt));
+        mc_max = MR * std::clamp((mtiles + want_mb - 1) / want_mb, 1, kMaxTiles);
+    } else {
+        mc_max = MR * std::min(mtiles, kMaxTiles);
+        const int want_nb = std::max(1, want / ((M + mc_max - 1) / mc_max));
+        ppt = std::clamp((np + want_nb - 1) / want_nb, 1, kPanelsPerTask);
+    }
+    const int nb = (np + ppt - 1) / ppt, mb = (M + mc_max - 1) / mc_max;
+    // full MR-row tiles read A in place when either of its directions is contiguous
+    const bool in_place = sak == 1 || sam == 1;
 #pragma omp parallel for collapse(2) schedule(static)
     for (int ib = 0; ib < mb; ib++) {
         for (int jb = 0; jb < nb; jb++) {
@@ -184,10 +195,12 @@ void gemm(float* c, size_t ldc,                          // (M, Nc), row stride 
                     for (int r = 0; r < mc; r += MR) {
                         float* ct = c + (size_t)(m0 + r) * ldc + n0;
                         const int mr = std::min(MR, mc - r);
-                        if (r < full)
-                            micro_kernel<false>(kc, a0 + (size_t)r * sam, sam, bpanel, ct, ldc, mr, nr, load_c, bb);
+                        if (r >= full)
+                            micro_kernel<kPacked>(kc, ap + (size_t)(r - full) * kc, 0, bpanel, ct, ldc, mr, nr, load_c, bb);
+                        else if (sak == 1)
+                            micro_kernel<kRows>(kc, a0 + (size_t)r * sam, sam, bpanel, ct, ldc, mr, nr, load_c, bb);
                         else
-                            micro_kernel<true>(kc, ap + (size_t)(r - full) * kc, 0, bpanel, ct, ldc, mr, nr, load_c, bb);
+                            micro_kernel<kCols>(kc, a0 + r, sak, bpanel, ct, ldc, mr, nr, load_c, bb);
                     }
                 }
             }

@@ -3,7 +3,9 @@
 #include "common.h"
 #include "fileio.h"
 #include "model_io.h"
+#include "moe_router.h"
 #include "optim.h"
+#include "stats.h"
 
 #include <chrono>
 #include <cstdio>
@@ -22,6 +24,8 @@ std::unique_ptr<Backend> make_backend(const TrainConfig& tc) {
 }
 
 float evaluate(GPT& model, DataLoader& val, int batches) {
+    const bool was_training = model.training();
+    model.set_training(false);
     val.reset();
     std::vector<int> inp((size_t)val.batch_size() * val.seq_len()), tgt(inp.size());
     double sum = 0.0;
@@ -29,6 +33,7 @@ float evaluate(GPT& model, DataLoader& val, int batches) {
         val.next_batch(inp.data(), tgt.data());
         sum += model.forward(inp.data(), tgt.data(), val.batch_size(), val.seq_len());
     }
+    model.set_training(was_training);
     return (float)(sum / batches);
 }
 
@@ -39,6 +44,78 @@ static std::string human(double x) {
     return fmt::format("{:.0f}", x);
 }
 
+namespace {
+
+struct StepResult {
+    double loss = 0, aux = 0, z = 0, imp = 0, load = 0, maxvio = 0, drop_rate = 0;
+    float lr = 0, norm = 0;
+};
+
+// One optimizer step: grad_accum micro-batches of forward/backward, AdamW, then the
+// aux-loss-free bias update from the step's routing counts.
+StepResult train_step(GPT& model, AdamW& adamw, DataLoader& train, const Config& cfg, int step,
+                      std::vector<int>& inp, std::vector<int>& tgt) {
+    const TrainConfig& tc = cfg.train;
+    const int B = tc.batch_size, T = cfg.model.seq_len;
+    std::vector<MoeLayer*> moe = model.moe_layers();
+    for (MoeLayer* m : moe) m->begin_step();
+    if (cfg.balance.aux_scope == "global" && cfg.balance.aux_loss > 0 && tc.grad_accum > 1 && !moe.empty()) {
+        // f_i must count the whole step before any micro-batch's backward: a counting pass over
+        // the same micro-batches with the same noise (data position and RNG restored after).
+        DataLoader::Position pos = train.position();
+        uint64_t rng_state = model.rng().state;
+        for (MoeLayer* m : moe) { m->set_counting(true); m->set_global_counts({}); }
+        std::vector<std::vector<double>> counts(moe.size(), std::vector<double>(cfg.model.moe.experts, 0.0));
+        for (int micro = 0; micro < tc.grad_accum; micro++) {
+            train.next_batch(inp.data(), tgt.data());
+            model.forward(inp.data(), tgt.data(), B, T);
+            for (size_t i = 0; i < moe.size(); i++)
+                for (size_t e = 0; e < counts[i].size(); e++) counts[i][e] += moe[i]->routing().routed[e];
+        }
+        for (size_t i = 0; i < moe.size(); i++) { moe[i]->set_counting(false); moe[i]->set_global_counts(counts[i]); }
+        train.set_position(pos);
+        model.rng().state = rng_state;
+    }
+    StepResult r;
+    model.zero_grad();
+    MoeStats totals;
+    for (int micro = 0; micro < tc.grad_accum; micro++) {
+        train.next_batch(inp.data(), tgt.data());
+        r.loss += model.forward(inp.data(), tgt.data(), B, T) / tc.grad_accum;
+        model.backward(1.0f / tc.grad_accum);
+        totals.add(model.balance_totals());
+    }
+    // the log shows each term per MoE layer (mean over layers), so balanced routing reads alpha
+    const double per = tc.grad_accum * std::max<size_t>(1, moe.size());
+    r.aux = totals.aux / per;
+    r.z = totals.z / per;
+    r.imp = totals.imp / per;
+    r.load = totals.load / per;
+    r.drop_rate = totals.assignments > 0 ? totals.dropped / totals.assignments : 0.0;
+    r.lr = (float)lr_at(tc, step);
+    r.norm = adamw.step(r.lr);
+    for (MoeLayer* m : moe) {
+        r.maxvio += load_stats(m->step_routed()).maxvio / moe.size();
+        m->update_bias(m->step_routed());
+    }
+    return r;
+}
+
+// Frequency-balanced hash tables need token counts over the training shards (first 256M tokens).
+void build_balanced_hash_tables(GPT& model, const DataLoader& train) {
+    std::vector<double> counts(model.config().vocab_size, 0.0);
+    uint64_t seen = 0;
+    for (const std::string& f : train.files()) {
+        if (seen >= (1ull << 28)) break;
+        std::vector<uint16_t> tokens = read_shard(f);
+        for (uint16_t t : tokens) if (t < counts.size()) counts[t] += 1.0;
+        seen += tokens.size();
+    }
+    for (MoeLayer* m : model.moe_layers()) m->hash_table() = balanced_hash_table(counts, m->experts());
+}
+
+}  // namespace
+
 TrainSummary run_training(const Config& cfg, const TrainOptions& opt) {
     const TrainConfig& tc = cfg.train;
     const ModelConfig& mc = cfg.model;
@@ -47,10 +124,12 @@ TrainSummary run_training(const Config& cfg, const TrainOptions& opt) {
 
     DataLoader train(cfg.data.train, B, T, mc.vocab_size, 0, 1, "data.train");
     DataLoader val(cfg.data.val, B, T, mc.vocab_size, 0, 1, "data.val");
-    GPT model(mc, *be);
+    GPT model(cfg, *be);
     model.init_weights((uint64_t)tc.seed);
     AdamW adamw(model, tc);
-    Rng rng((uint64_t)tc.seed ^ 0x5DEECE66Dull);
+
+    if (cfg.model.moe.enabled && cfg.router.type == "hash" && cfg.router.hash == "balanced")
+        build_balanced_hash_tables(model, train);
 
     TrainSummary sum;
     int start = 0;
@@ -62,7 +141,7 @@ TrainSummary run_training(const Config& cfg, const TrainOptions& opt) {
         if (st.step >= tc.steps) fail("checkpoint is at step {}, train.steps is {}: nothing to do ({})", st.step, tc.steps, path);
         adamw.set_state(st.m, st.v, st.adam_t);
         train.set_position(st.data);
-        rng.state = st.rng;
+        model.rng().state = st.rng;
         start = st.step;
         if (!opt.quiet) fmt::print("resuming from {} (step {})\n", path, start);
     }
@@ -97,27 +176,31 @@ TrainSummary run_training(const Config& cfg, const TrainOptions& opt) {
     double train_ms = 0.0;  // optimizer steps only: eval and checkpoint time is reported apart
     for (int step = start; step < tc.steps; step++) {
         auto t0 = Clock::now();
-        model.zero_grad();
-        double loss = 0.0;
-        for (int micro = 0; micro < tc.grad_accum; micro++) {
-            train.next_batch(inp.data(), tgt.data());
-            loss += model.forward(inp.data(), tgt.data(), B, T) / tc.grad_accum;
-            model.backward(1.0f / tc.grad_accum);
-        }
-        float lr = (float)lr_at(tc, step);
-        float norm = adamw.step(lr);
+        StepResult r = train_step(model, adamw, train, cfg, step, inp, tgt);
         be->synchronize();
         double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
         const int done = step + 1;
         train_ms += ms;
-        sum.losses.push_back((float)loss);
+        sum.losses.push_back((float)r.loss);
+        nlohmann::json j{{"step", done}, {"loss", r.loss}};
+        std::string line = fmt::format("step {:>{}}/{} | loss {:.6f}", done, width, tc.steps, r.loss);
+        const BalanceConfig& bal = cfg.balance;
+        for (auto [name, coef, value] : {std::tuple{"aux", bal.aux_loss, r.aux}, {"z", bal.z_loss, r.z},
+                                         {"imp", bal.importance_loss, r.imp}, {"load", bal.load_loss, r.load}})
+            if (mc.moe.enabled && coef > 0) { line += fmt::format(" | {} {:.4f}", name, value); j[name] = value; }
+        line += fmt::format(" | lr {:.1e} | norm {:.2f}", r.lr, r.norm);
+        if (mc.moe.enabled) {
+            line += fmt::format(" | maxvio {:.2f} | drop {:.1f}%", r.maxvio, 100.0 * r.drop_rate);
+            j["maxvio"] = r.maxvio;
+            j["drop_rate"] = r.drop_rate;
+        }
+        line += fmt::format(" | {:.1f} ms | {} tok/s", ms, human(tokens_per_step / (ms / 1000.0)));
+        j["lr"] = r.lr; j["norm"] = r.norm; j["ms"] = ms; j["tok_s"] = tokens_per_step / (ms / 1000.0);
         if (!opt.quiet) {
-            fmt::print("step {:>{}}/{} | loss {:.6f} | lr {:.1e} | norm {:.2f} | {:.1f} ms | {} tok/s\n", done, width,
-                       tc.steps, loss, lr, norm, ms, human(tokens_per_step / (ms / 1000.0)));
+            fmt::print("{}\n", line);
             std::fflush(stdout);
         }
-        metrics << nlohmann::json{{"step", done}, {"loss", loss}, {"lr", lr}, {"norm", norm}, {"ms", ms},
-                                  {"tok_s", tokens_per_step / (ms / 1000.0)}}.dump() << "\n";
+        metrics << j.dump() << "\n";
         metrics.flush();
         if ((tc.eval_every > 0 && done % tc.eval_every == 0) || done == tc.steps) run_val(done);
         const bool stopping = opt.stop_after > 0 && done >= opt.stop_after && done < tc.steps;
@@ -126,7 +209,7 @@ TrainSummary run_training(const Config& cfg, const TrainOptions& opt) {
             TrainState st;
             st.step = done;
             st.adam_t = adamw.t();
-            st.rng = rng.state;
+            st.rng = model.rng().state;
             st.data = train.position();
             st.m = adamw.get_m();
             st.v = adamw.get_v();

@@ -62,7 +62,7 @@ TEST_CASE("dense GPT matches the PyTorch oracle: loss, logits, gradients, 10 Ada
     Config cfg = parse_config(kDenseConfig, "test config");
     const int B = 4, T = 16, V = cfg.model.vocab_size;
     auto be = make_cpu_backend(0);
-    GPT model(cfg.model, *be);
+    GPT model(cfg, *be);
     model.init_weights(42);
     // larger-than-GPT-2-init weights would be nicer for gradients, but the real init is what we train
     std::vector<int> inp(B * T), tgt(B * T);

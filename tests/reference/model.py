@@ -8,8 +8,9 @@ The model follows DESIGN.md's conventions exactly:
   * loss = mean next-token cross-entropy over all B*T positions.
   * Parameter names are the checkpoint tensor names (`wte`, `wpe`, `h.{l}.ln_1.weight`,
     `h.{l}.attn.c_attn.weight`, `h.{l}.mlp.c_fc.weight`, `ln_f.bias`, ...), so
-    `named_parameters()` maps 1:1 onto a checkpoint's tensors. MoE layers will live under
-    `h.{l}.moe.*` (see build_ffn); they are not in the oracle yet.
+    `named_parameters()` (plus the MoE buffers `router.expert_bias` and `router.hash_table`)
+    maps 1:1 onto a checkpoint's tensors. MoE layers live under `h.{l}.moe.*` (moe.py,
+    docs/moe.md).
 
 Config: the YAML schema of DESIGN.md, as nested dicts (`cfg["model"]["d_model"]`), with the
 defaults of src/config.h filled in. `model.moe` absent (or null) = dense model.
@@ -17,6 +18,9 @@ defaults of src/config.h filled in. `model.moe` absent (or null) = dense model.
     model = from_checkpoint("model_00000000.safetensors")      # float32, CPU
     model = init_from_config(parse_config(yaml_text), seed=1337)
     logits, loss = model(idx, targets)                          # idx, targets: (B, T) int
+    ctx = moe.MoEContext(training=True, step=0, noise=moe.FileNoise(batch_tensors))
+    logits, loss = model(idx, targets, ctx=ctx)                 # MoE: mode, noise, records
+    total = loss + ctx.balance_total()                          # the training objective
     save_checkpoint(model, path, step=0)
 """
 import copy
@@ -31,6 +35,7 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import safetensors_io  # noqa: E402
+import moe as moe_ref  # noqa: E402
 
 CKPT_FORMAT = "moe-ckpt-1"
 
@@ -180,11 +185,11 @@ class MLP(nn.Module):
 
 def build_ffn(cfg, l):
     """The FFN of layer l as (attribute name, module): ("mlp", MLP) for a dense layer, or
-    ("moe", MoE) for an MoE layer, whose parameters must then be named as DESIGN.md's
-    `h.{l}.moe.*` tensors (router.weight, experts.c_fc.weight (E, Fe, C), ...)."""
+    ("moe", moe.MoE) for an MoE layer, whose parameters and buffers are then named as
+    DESIGN.md's `h.{l}.moe.*` tensors (router.weight, experts.c_fc.weight (E, Fe, C), ...)."""
     m = cfg["model"]
     if is_moe_layer(cfg, l):
-        raise NotImplementedError("MoE layers: not yet in the oracle")
+        return "moe", moe_ref.MoE(cfg, l)
     return "mlp", MLP(m["d_model"], m["d_ff"])
 
 
@@ -199,9 +204,12 @@ class Block(nn.Module):
         self.ffn_name, ffn = build_ffn(cfg, l)
         self.add_module(self.ffn_name, ffn)               # registers h.{l}.mlp.* / h.{l}.moe.*
 
-    def forward(self, x):
+    def forward(self, x, ctx=None):
         x = x + self.attn(self.ln_1(x))
-        x = x + getattr(self, self.ffn_name)(self.ln_2(x))
+        if self.ffn_name == "moe":
+            x = x + self.moe(self.ln_2(x), ctx)
+        else:
+            x = x + self.mlp(self.ln_2(x))
         return x
 
 
@@ -220,30 +228,49 @@ class GPT(nn.Module):
             self.init_weights(seed=cfg["train"]["seed"])
 
     @torch.no_grad()
-    def init_weights(self, seed):
+    def init_weights(self, seed, token_counts=None):
         """GPT-2 init: N(0, 0.02) weights and embeddings, N(0, 0.02/sqrt(2L)) for the residual
-        projections (attn.c_proj, mlp.c_proj), zero biases, LayerNorm weight 1 / bias 0."""
+        projections (attn.c_proj, mlp.c_proj, experts/shared c_proj), zero biases, LayerNorm
+        weight 1 / bias 0. MoE (docs/moe.md): router weight and slots N(0, 0.02), noise weight
+        0, expert bias 0, hash table random (seeded), or frequency-balanced from
+        `token_counts` (V,) when router.hash is balanced."""
         g = torch.Generator().manual_seed(int(seed))
         std_res = 0.02 / math.sqrt(2 * self.cfg["model"]["n_layer"])
         for name, p in self.named_parameters():
             if name.endswith("ln_1.weight") or name.endswith("ln_2.weight") or name == "ln_f.weight":
                 p.fill_(1.0)
-            elif name.endswith(".bias"):
+            elif name.endswith(".bias") or name.endswith("router.noise_weight"):
                 p.zero_()
             else:
                 std = std_res if name.endswith("c_proj.weight") else 0.02
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std)
+        for name, b in self.named_buffers():
+            if name.endswith("router.expert_bias"):
+                b.zero_()
+            elif name.endswith("router.hash_table"):
+                E = self.cfg["model"]["moe"]["experts"]
+                if self.cfg["router"]["hash"] == "balanced":
+                    if token_counts is None:
+                        raise ValueError("router.hash = balanced needs token_counts")
+                    b.copy_(moe_ref.balanced_hash_table(token_counts, E))
+                else:
+                    b.copy_(torch.randint(0, E, b.shape, generator=g).to(torch.int32))
 
-    def forward(self, idx, targets=None):
+    def forward(self, idx, targets=None, ctx=None):
         """idx, targets (B, T) integer tensors, T <= seq_len. Returns logits (B, T, V) and the
-        mean cross-entropy over all B*T positions (None without targets)."""
+        mean cross-entropy over all B*T positions (None without targets), the LM loss alone.
+        `ctx` (moe.MoEContext) sets the MoE layers' mode and noise and collects their routing
+        counts and balancing terms; without one, MoE layers run in eval mode."""
         B, T = idx.shape
         if T > self.wpe.shape[0]:
             raise ValueError(f"sequence length {T} > model.seq_len {self.wpe.shape[0]}")
         idx = idx.long()
+        if ctx is None:
+            ctx = moe_ref.MoEContext(training=False)
+        ctx.idx = idx
         x = F.embedding(idx, self.wte) + self.wpe[:T]      # (B, T, C)
         for block in self.h:
-            x = block(x)
+            x = block(x, ctx)
         x = self.ln_f(x)
         logits = F.linear(x, self.wte)                     # (B, T, V), tied head
         loss = None
@@ -252,33 +279,58 @@ class GPT(nn.Module):
         return logits, loss
 
     # ---- checkpoint tensors ----
+    def state_tensors(self):
+        """name -> tensor for every checkpoint tensor: the parameters, then the persistent
+        buffers (MoE router.expert_bias, router.hash_table); not the attention mask."""
+        out = dict(self.named_parameters())
+        persistent = set(self.state_dict().keys())
+        for n, b in self.named_buffers():
+            if n in persistent:
+                out[n] = b
+        return out
+
     def checkpoint_tensors(self):
-        """name -> detached float32 CPU tensor, the checkpoint's tensors."""
-        return {n: p.detach().to("cpu", torch.float32).contiguous() for n, p in self.named_parameters()}
+        """name -> detached CPU tensor, the checkpoint's tensors: float32, except the int32
+        hash tables."""
+        out = {}
+        for n, t in self.state_tensors().items():
+            dt = torch.float32 if t.is_floating_point() else torch.int32
+            out[n] = t.detach().to("cpu", dt).contiguous()
+        return out
 
     @torch.no_grad()
     def load_tensors(self, tensors, source="checkpoint"):
-        """Copies checkpoint tensors into the parameters; every parameter must be present with
-        its exact shape and no tensor may be left over."""
-        params = dict(self.named_parameters())
-        missing = [n for n in params if n not in tensors]
-        extra = [n for n in tensors if n not in params]
+        """Copies checkpoint tensors into the parameters and buffers; every one must be present
+        with its exact shape and no tensor may be left over. Floating tensors must be F32 (BF16
+        accepted); the hash tables I32 (I64 accepted) with values in [0, experts)."""
+        own = self.state_tensors()
+        missing = [n for n in own if n not in tensors]
+        extra = [n for n in tensors if n not in own]
         if missing or extra:
             raise ValueError(f"{source}: tensors do not match the config's model "
                              f"(missing: {missing[:8]}, unexpected: {extra[:8]})")
-        for n, p in params.items():
+        for n, p in own.items():
             t = tensors[n]
             if tuple(t.shape) != tuple(p.shape):
                 raise ValueError(f"{source}: tensor {n} has shape {list(t.shape)}, "
                                  f"expected {list(p.shape)}")
+            if p.is_floating_point():
+                if not t.is_floating_point():
+                    raise ValueError(f"{source}: tensor {n} must be F32, got {t.dtype}")
+            else:
+                if t.dtype not in (torch.int32, torch.int64):
+                    raise ValueError(f"{source}: tensor {n} must be I32, got {t.dtype}")
+                E = self.cfg["model"]["moe"]["experts"]
+                if t.numel() and (int(t.min()) < 0 or int(t.max()) >= E):
+                    raise ValueError(f"{source}: tensor {n} has experts outside [0, {E})")
             p.copy_(t.to(p.dtype))
 
 
-def init_from_config(cfg, seed=None, use_sdpa=False):
+def init_from_config(cfg, seed=None, use_sdpa=False, token_counts=None):
     """A freshly initialised float32 GPT; `cfg` is YAML text or a (parsed) dict. `seed`
-    defaults to train.seed."""
+    defaults to train.seed; `token_counts` (V,) builds a balanced hash table."""
     model = GPT(cfg, use_sdpa=use_sdpa, init=False)
-    model.init_weights(model.cfg["train"]["seed"] if seed is None else seed)
+    model.init_weights(model.cfg["train"]["seed"] if seed is None else seed, token_counts)
     if isinstance(cfg, str):
         model.config_text = cfg
     return model

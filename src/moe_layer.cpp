@@ -1,0 +1,453 @@
+/* The MoE FFN layer: router -> dispatch plan -> grouped expert FFN -> combine, forward and
+   backward (docs/moe.md). Routing decisions are host data (moe_router.cpp); every tensor op
+   goes through the Backend. Experts of one layer are stored stacked, (E, Fh, C) and (E, C, F),
+   and run as one GEMM pair per expert over its contiguous slice of the dispatched rows. */
+#include "moe.h"
+#include "model.h"
+#include "moe_router.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+namespace moe {
+
+void MoeStats::add(const MoeStats& o) {
+    aux += o.aux; z += o.z; imp += o.imp; load += o.load;
+    if (routed.size() < o.routed.size()) routed.resize(o.routed.size(), 0.0);
+    if (kept.size() < o.kept.size()) kept.resize(o.kept.size(), 0.0);
+    for (size_t i = 0; i < o.routed.size(); i++) routed[i] += o.routed[i];
+    for (size_t i = 0; i < o.kept.size(); i++) kept[i] += o.kept[i];
+    dropped += o.dropped; assignments += o.assignments;
+    top1_gate_sum += o.top1_gate_sum; z_mean_sum += o.z_mean_sum; tokens += o.tokens;
+}
+
+MoeLayer::MoeLayer(const Config& cfg, int layer, Backend& be, const std::vector<ParamTensor>& params,
+                   const AddParam& add)
+    : rc_(cfg.router), bal_(cfg.balance), layer_(layer), C_(cfg.model.d_model), E_(cfg.model.moe.experts),
+      k_(cfg.model.moe.top_k), V_(cfg.model.vocab_size), seed_((int)cfg.train.seed),
+      swiglu_(cfg.model.moe.activation == "swiglu"), be_(be), params_(params) {
+    const int64_t C = C_, E = E_, Fe = cfg.model.moe.expert_ff, S = cfg.model.moe.shared_experts,
+                  Fs = cfg.model.moe.shared_ff, hw = swiglu_ ? 2 : 1;
+    const std::string p = "h." + std::to_string(layer) + ".moe.";
+    if (rc_.type == "soft") p_slots_ = add(p + "router.slots", {C, E * rc_.soft_slots});
+    else if (rc_.type != "hash") p_router_ = add(p + "router.weight", {E, C});
+    if (rc_.noise == "gaussian") p_noise_ = add(p + "router.noise_weight", {E, C});
+    routed_ = {add(p + "experts.c_fc.weight", {E, hw * Fe, C}), add(p + "experts.c_fc.bias", {E, hw * Fe}),
+               add(p + "experts.c_proj.weight", {E, C, Fe}), add(p + "experts.c_proj.bias", {E, C}), (int)E, (int)Fe};
+    if (S > 0)
+        shared_ = {add(p + "shared.c_fc.weight", {S, hw * Fs, C}), add(p + "shared.c_fc.bias", {S, hw * Fs}),
+                   add(p + "shared.c_proj.weight", {S, C, Fs}), add(p + "shared.c_proj.bias", {S, C}), (int)S, (int)Fs};
+    if (has_bias()) bias_.assign(E_, 0.0f);
+    if (has_hash()) table_.assign(V_, 0);
+    begin_step();
+}
+
+MoeLayer::~MoeLayer() {
+    for (void* p : allocs_) be_.free_bytes(p);
+}
+
+float* MoeLayer::P(float* base, size_t idx) const { return base + params_[idx].offset; }
+
+void MoeLayer::init(float* w, Rng& rng) {
+    (void)w;  // the model's name-based init covers every tensor of this layer (docs/moe.md)
+    if (has_hash()) for (int v = 0; v < V_; v++) table_[v] = (int32_t)(rng.next_u32() % E_);
+}
+
+void MoeLayer::ensure_buffers(int N, int A) {
+    if (N <= bufN_ && A <= bufA_) return;
+    for (void* p : allocs_) be_.free_bytes(p);
+    allocs_.clear();
+    bufN_ = std::max(N, bufN_);
+    bufA_ = std::max(A, bufA_);
+    N = bufN_; A = bufA_;
+    const size_t C = C_, E = E_, F = routed_.ff, Fh = swiglu_ ? 2 * F : F;
+    const size_t S = shared_.count, Fs = shared_.ff, Fsh = swiglu_ ? 2 * Fs : Fs;
+    auto f = [&](size_t n) { float* p = be_.alloc(std::max<size_t>(n, 1)); allocs_.push_back(p); return p; };
+    auto i = [&](size_t n) { int* p = be_.alloc_int(std::max<size_t>(n, 1)); allocs_.push_back(p); return p; };
+    xr_ = f(N * C); jit_ = f(N * C); z_ = f(N * E); pre_ = f(N * E);
+    xg_ = f(A * C); h_ = f(A * Fh); act_ = f(A * F); y_ = f(A * C);
+    gate_ = f(A); dgate_ = f(A);
+    token_ = i(A); tok_off_ = i(N + 1); tok_assign_ = i(A);
+    sh_h_ = f(S * N * Fsh); sh_act_ = f(S * N * Fs); sh_y_ = f(N * C);
+    const size_t Fmax = std::max(F, Fs), Fhmax = std::max(Fh, Fsh), R = std::max((size_t)A, (size_t)N);
+    dy_ = f(A * C); dh_ = f(R * Fhmax); dact_ = f(R * Fmax); dxg_ = f(A * C);
+    dz_ = f(N * E); dpre_ = f(N * E); dxr_ = f(N * C); tmp_ = f(N * C);
+}
+
+void MoeLayer::ffn_forward(float* y, float* h, float* act, const float* x, int rows, const float* W1,
+                           const float* b1, const float* W2, const float* b2, int F) {
+    if (rows == 0) return;
+    const int Fh = swiglu_ ? 2 * F : F;
+    be_.matmul_forward(h, x, W1, b1, rows, C_, Fh);                     // (rows, Fh)
+    if (swiglu_) be_.swiglu_forward(act, h, rows, F);
+    else be_.gelu_forward(act, h, (size_t)rows * F);                    // (rows, F)
+    be_.matmul_forward(y, act, W2, b2, rows, F, C_);                    // (rows, C)
+}
+
+void MoeLayer::ffn_backward(float* dx, float* dW1, float* db1, float* dW2, float* db2, float* dh, float* dact,
+                            const float* dy, const float* x, const float* h, const float* act, int rows,
+                            const float* W1, const float* W2, int F) {
+    if (rows == 0) return;
+    const int Fh = swiglu_ ? 2 * F : F;
+    be_.zero(dact, (size_t)rows * F * sizeof(float));
+    be_.matmul_backward(dact, dW2, db2, dy, act, W2, rows, F, C_);
+    be_.zero(dh, (size_t)rows * Fh * sizeof(float));
+    if (swiglu_) be_.swiglu_backward(dh, h, dact, rows, F);
+    else be_.gelu_backward(dh, h, dact, (size_t)rows * F);
+    be_.matmul_backward(dx, dW1, db1, dh, x, W1, rows, C_, Fh);
+}
+
+// Expert e of a stacked group runs on rows [offsets[e], offsets[e+1]) of xg_/h_/act_/y_.
+void MoeLayer::grouped_forward(const Expert& ex, const std::vector<int>& off, float* w) {
+    const size_t C = C_, F = ex.ff, Fh = swiglu_ ? 2 * F : F;
+    for (int e = 0; e < ex.count; e++) {
+        int r0 = off[e], rows = off[e + 1] - off[e];
+        ffn_forward(y_ + r0 * C, h_ + r0 * Fh, act_ + r0 * F, xg_ + r0 * C, rows, P(w, ex.fc_w) + e * Fh * C,
+                    P(w, ex.fc_b) + e * Fh, P(w, ex.proj_w) + e * C * F, P(w, ex.proj_b) + e * C, (int)F);
+    }
+}
+
+void MoeLayer::grouped_backward(const Expert& ex, const std::vector<int>& off, float* w, float* g) {
+    const size_t C = C_, F = ex.ff, Fh = swiglu_ ? 2 * F : F;
+    be_.zero(dxg_, (size_t)off[ex.count] * C * sizeof(float));
+    for (int e = 0; e < ex.count; e++) {
+        int r0 = off[e], rows = off[e + 1] - off[e];
+        ffn_backward(dxg_ + r0 * C, P(g, ex.fc_w) + e * Fh * C, P(g, ex.fc_b) + e * Fh, P(g, ex.proj_w) + e * C * F,
+                     P(g, ex.proj_b) + e * C, dh_ + r0 * Fh, dact_ + r0 * F, dy_ + r0 * C, xg_ + r0 * C,
+                     h_ + r0 * Fh, act_ + r0 * F, rows, P(w, ex.fc_w) + e * Fh * C, P(w, ex.proj_w) + e * C * F,
+                     (int)F);
+    }
+}
+
+void MoeLayer::route(const float* rin, const int* tokens, int B, int T, bool training, float* w, Rng& rng) {
+    const int N = B * T, E = E_;
+    Routing& r = r_;
+    r.N = N; r.E = E;
+    r.eps.clear(); r.noise_std.clear(); r.noise_pre.clear();
+    if (p_router_ != SIZE_MAX) {
+        be_.matmul_forward(z_, rin, P(w, p_router_), nullptr, N, C_, E);   // (N, E)
+        r.z_clean.resize((size_t)N * E);
+        be_.download(r.z_clean.data(), z_, r.z_clean.size() * sizeof(float));
+        r.z = r.z_clean;
+        if (p_noise_ != SIZE_MAX && training) {
+            be_.matmul_forward(pre_, rin, P(w, p_noise_), nullptr, N, C_, E);
+            r.noise_pre.resize((size_t)N * E);
+            be_.download(r.noise_pre.data(), pre_, r.noise_pre.size() * sizeof(float));
+            r.noise_std.resize(r.noise_pre.size());
+            r.eps.resize(r.noise_pre.size());
+            for (size_t i = 0; i < r.z.size(); i++) {
+                float a = r.noise_pre[i];
+                r.noise_std[i] = a > 20.0f ? a : std::log1p(std::exp(a));    // softplus
+                r.eps[i] = rng.normal();
+                r.z[i] = r.z_clean[i] + r.eps[i] * r.noise_std[i];
+            }
+        }
+        router_scores(r.s, r.z, N, E, rc_.score == "sigmoid");
+    }
+    const double cf = training ? rc_.capacity_factor : rc_.eval_capacity_factor;
+    const bool token_choice = rc_.type == "topk" || rc_.type == "sinkhorn";
+    if (token_choice) {
+        std::vector<float> sel;
+        if (rc_.type == "sinkhorn" && training) {
+            sel = sinkhorn_balance(r.z, N, E);
+        } else {
+            sel = r.s;
+            if (!bias_.empty())
+                for (int n = 0; n < N; n++) for (int e = 0; e < E; e++) sel[(size_t)n * E + e] += bias_[e];
+        }
+        select_topk(r, sel, k_, rc_.type == "topk" ? rc_.groups : 1, rc_.type == "topk" ? rc_.topk_groups : 1);
+        choice_gates(r, k_, rc_.normalize_topk, (float)rc_.scale, true);
+    } else if (rc_.type == "expert_choice") {
+        int cap = std::min(N, (int)std::ceil(rc_.expert_choice_capacity * N / E));
+        select_expert_choice(r, cap);
+        choice_gates(r, k_, false, (float)rc_.scale, false);
+    } else {  // hash
+        select_hash(r, tokens, table_);
+    }
+    int cap = (cf > 0 && rc_.type != "expert_choice") ? (int)std::ceil(cf * (rc_.type == "hash" ? 1 : k_) * N / E) : 0;
+    apply_capacity(r, cap, rc_.drop_policy == "probs");
+    build_plan(r);
+
+    // statistics and balancing terms
+    MoeStats& st = stats_;
+    st = MoeStats{};
+    if (training && p_router_ != SIZE_MAX) balance_forward(st, r, bal_, k_, T, global_routed_);
+    else if (!r.z.empty()) {
+        BalanceConfig none;
+        balance_forward(st, r, none, k_, T, {});
+    }
+    st.routed = r.routed;
+    st.kept.assign(E, 0.0);
+    for (int e = 0; e < E; e++) st.kept[e] = r.plan.offsets[e + 1] - r.plan.offsets[e];
+    st.assignments = r.M;
+    st.dropped = r.M - r.plan.kept();
+    st.tokens = N;
+    std::vector<float> top1(N, 0.0f);
+    for (int m = 0; m < r.M; m++) top1[r.choice_token[m]] = std::max(top1[r.choice_token[m]], r.choice_gate[m]);
+    st.top1_gate_sum = std::accumulate(top1.begin(), top1.end(), 0.0);
+    if (training && !counting_)
+        for (int e = 0; e < E; e++) step_routed_[e] += r.routed[e];
+}
+
+void MoeLayer::forward(float* out, const float* x, const int* tokens, int B, int T, bool training, float* w,
+                       Rng& rng) {
+    const int N = B * T, E = E_;
+    B_ = B; T_ = T; x_ = x; training_ = training;
+    int A_max = rc_.type == "soft" ? B * E * rc_.soft_slots
+              : rc_.type == "expert_choice" ? E * std::min(N, (int)std::ceil(rc_.expert_choice_capacity * N / E))
+              : rc_.type == "hash" ? N : N * k_;
+    ensure_buffers(N, A_max);
+    if (rc_.type == "soft") {
+        soft_forward(out, x, B, T, w);
+    } else {
+        rin_ = x;
+        jitter_.clear();
+        if (rc_.noise == "jitter" && training && rc_.type != "hash") {
+            jitter_.resize((size_t)N * C_);
+            const float eps = (float)rc_.jitter_eps;
+            for (float& m : jitter_) m = 1.0f - eps + 2.0f * eps * rng.uniform();
+            be_.upload(jit_, jitter_.data(), jitter_.size() * sizeof(float));
+            be_.zero(xr_, jitter_.size() * sizeof(float));
+            be_.mul_accumulate(xr_, x, jit_, jitter_.size());                  // x_r = x * m
+            rin_ = xr_;
+        }
+        route(rin_, tokens, B, T, training, w, rng);
+        const DispatchPlan& p = r_.plan;
+        const int A = p.kept();
+        be_.upload(token_, p.token.data(), A * sizeof(int));
+        be_.upload(gate_, p.gate.data(), A * sizeof(float));
+        be_.upload(tok_off_, p.tok_offsets.data(), (N + 1) * sizeof(int));
+        be_.upload(tok_assign_, p.tok_assign.data(), A * sizeof(int));
+        be_.moe_dispatch_forward(xg_, x, token_, A, C_);                     // (A, C)
+        grouped_forward(routed_, p.offsets, w);
+        be_.moe_combine_forward(out, y_, gate_, tok_off_, tok_assign_, N, C_); // (N, C)
+    }
+    const size_t Fs = shared_.ff, Fsh = swiglu_ ? 2 * Fs : Fs;
+    for (int j = 0; j < shared_.count; j++) {
+        ffn_forward(sh_y_, sh_h_ + j * N * Fsh, sh_act_ + j * N * Fs, x, N, P(w, shared_.fc_w) + j * Fsh * C_,
+                    P(w, shared_.fc_b) + j * Fsh, P(w, shared_.proj_w) + j * C_ * Fs, P(w, shared_.proj_b) + j * C_,
+                    (int)Fs);
+        be_.residual_forward(out, out, sh_y_, (size_t)N * C_);
+    }
+}
+
+void MoeLayer::backward(float* dx, const float* dout, float* w, float* g, float scale) {
+    const int N = B_ * T_, E = E_;
+    const size_t Fs = shared_.ff, Fsh = swiglu_ ? 2 * Fs : Fs;
+    for (int j = 0; j < shared_.count; j++)
+        ffn_backward(dx, P(g, shared_.fc_w) + j * Fsh * C_, P(g, shared_.fc_b) + j * Fsh,
+                     P(g, shared_.proj_w) + j * C_ * Fs, P(g, shared_.proj_b) + j * C_, dh_, dact_, dout, x_,
+                     sh_h_ + j * N * Fsh, sh_act_ + j * N * Fs, N, P(w, shared_.fc_w) + j * Fsh * C_,
+                     P(w, shared_.proj_w) + j * C_ * Fs, (int)Fs);
+    if (rc_.type == "soft") { soft_backward(dx, dout, w, g); return; }
+
+    const DispatchPlan& p = r_.plan;
+    const int A = p.kept();
+    be_.moe_combine_backward(dy_, dgate_, dout, y_, gate_, token_, A, C_);
+    grouped_backward(routed_, p.offsets, w, g);
+    be_.moe_dispatch_backward(dx, dxg_, tok_off_, tok_assign_, N, C_);
+    if (p_router_ == SIZE_MAX) return;  // hash: no router parameters
+
+    // gate gradients -> scores -> logits, plus the balancing terms
+    const Routing& r = r_;
+    std::vector<float> dgate_a(A), dchoice(r.M, 0.0f);
+    be_.download(dgate_a.data(), dgate_, A * sizeof(float));
+    for (int a = 0; a < A; a++) dchoice[p.choice[a]] = dgate_a[a];
+    BalanceGrads bg;
+    bg.ds.assign((size_t)N * E, 0.0f);
+    bg.dz.assign((size_t)N * E, 0.0f);
+    bg.dzc.assign((size_t)N * E, 0.0f);
+    bg.dstd.assign((size_t)N * E, 0.0f);
+    const bool token_choice = rc_.type != "expert_choice";
+    choice_gates_backward(bg.ds, r, dchoice, k_, token_choice && rc_.normalize_topk, (float)rc_.scale, token_choice);
+    if (training_) balance_backward(bg, r, bal_, k_, T_, global_routed_, scale);
+    router_scores_backward(bg.dz, bg.ds, r.s, N, E, rc_.score == "sigmoid");
+    const bool noisy = !r.noise_std.empty();
+    std::vector<float> dpre;
+    if (noisy) {
+        dpre.resize((size_t)N * E);
+        for (size_t i = 0; i < dpre.size(); i++) {
+            float dstd = bg.dz[i] * r.eps[i] + bg.dstd[i];
+            dpre[i] = dstd / (1.0f + std::exp(-r.noise_pre[i]));               // softplus' = sigmoid
+        }
+    }
+    for (size_t i = 0; i < bg.dz.size(); i++) bg.dz[i] += bg.dzc[i];          // d z_clean
+    float* drin = dx;
+    if (rin_ != x_) { be_.zero(dxr_, (size_t)N * C_ * sizeof(float)); drin = dxr_; }
+    be_.upload(dz_, bg.dz.data(), bg.dz.size() * sizeof(float));
+    be_.matmul_backward(drin, P(g, p_router_), nullptr, dz_, rin_, P(w, p_router_), N, C_, E);
+    if (noisy) {
+        be_.upload(dpre_, dpre.data(), dpre.size() * sizeof(float));
+        be_.matmul_backward(drin, P(g, p_noise_), nullptr, dpre_, rin_, P(w, p_noise_), N, C_, E);
+    }
+    if (rin_ != x_) be_.mul_accumulate(dx, dxr_, jit_, (size_t)N * C_);        // x_r = x * m
+}
+
+// Soft MoE (Puigcerver et al.): per sequence, logits L = x Phi (T, S); dispatch weights D are a
+// softmax over tokens (each slot's column), combine weights Cw a softmax over slots (each
+// token's row). The slot math is small (S = E*p columns) and runs on the host; the experts run
+// on the backend over slot rows laid out expert-major: row(b, e*p + q) = e*(B*p) + b*p + q.
+void MoeLayer::soft_forward(float* out, const float* x, int B, int T, float* w) {
+    const int N = B * T, C = C_, p = rc_.soft_slots, S = E_ * p;
+    soft_x_.resize((size_t)N * C);
+    be_.download(soft_x_.data(), x, soft_x_.size() * sizeof(float));
+    soft_phi_.resize((size_t)C * S);
+    be_.download(soft_phi_.data(), P(w, p_slots_), soft_phi_.size() * sizeof(float));
+    soft_D_.assign((size_t)N * S, 0.0f);
+    soft_Cw_.assign((size_t)N * S, 0.0f);
+    std::vector<float> xs((size_t)B * S * C, 0.0f);
+    auto row = [&](int b, int sl) { return (size_t)(sl / p) * B * p + (size_t)b * p + sl % p; };
+    #pragma omp parallel for schedule(static)
+    for (int b = 0; b < B; b++) {
+        std::vector<float> L((size_t)T * S, 0.0f);
+        for (int t = 0; t < T; t++)
+            for (int c = 0; c < C; c++) {
+                float xv = soft_x_[(size_t)(b * T + t) * C + c];
+                for (int sl = 0; sl < S; sl++) L[(size_t)t * S + sl] += xv * soft_phi_[(size_t)c * S + sl];
+            }
+        for (int sl = 0; sl < S; sl++) {  // D: softmax over tokens
+            float mx = -INFINITY, sum = 0.0f;
+            for (int t = 0; t < T; t++) mx = std::max(mx, L[(size_t)t * S + sl]);
+            for (int t = 0; t < T; t++) sum += (soft_D_[(size_t)(b * T + t) * S + sl] = std::exp(L[(size_t)t * S + sl] - mx));
+            for (int t = 0; t < T; t++) soft_D_[(size_t)(b * T + t) * S + sl] /= sum;
+        }
+        for (int t = 0; t < T; t++) {  // Cw: softmax over slots
+            float* cw = &soft_Cw_[(size_t)(b * T + t) * S];
+            float mx = *std::max_element(&L[(size_t)t * S], &L[(size_t)t * S] + S), sum = 0.0f;
+            for (int sl = 0; sl < S; sl++) sum += (cw[sl] = std::exp(L[(size_t)t * S + sl] - mx));
+            for (int sl = 0; sl < S; sl++) cw[sl] /= sum;
+        }
+        for (int sl = 0; sl < S; sl++) {
+            float* xr = &xs[row(b, sl) * C];
+            for (int t = 0; t < T; t++) {
+                float d = soft_D_[(size_t)(b * T + t) * S + sl];
+                const float* xt = &soft_x_[(size_t)(b * T + t) * C];
+                for (int c = 0; c < C; c++) xr[c] += d * xt[c];
+            }
+        }
+    }
+    std::vector<int> offsets(E_ + 1);
+    for (int e = 0; e <= E_; e++) offsets[e] = e * B * p;
+    be_.upload(xg_, xs.data(), xs.size() * sizeof(float));
+    grouped_forward(routed_, offsets, w);
+    soft_Ys_.resize(xs.size());
+    be_.download(soft_Ys_.data(), y_, soft_Ys_.size() * sizeof(float));
+    std::vector<float> o((size_t)N * C, 0.0f);
+    #pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) {
+        const int b = n / T;
+        for (int sl = 0; sl < S; sl++) {
+            float cw = soft_Cw_[(size_t)n * S + sl];
+            const float* ys = &soft_Ys_[row(b, sl) * C];
+            for (int c = 0; c < C; c++) o[(size_t)n * C + c] += cw * ys[c];
+        }
+    }
+    be_.upload(out, o.data(), o.size() * sizeof(float));
+    MoeStats& st = stats_;
+    st = MoeStats{};
+    st.routed.assign(E_, (double)B * p);
+    st.kept = st.routed;
+    st.assignments = (double)B * S;
+    st.tokens = N;
+    for (int n = 0; n < N; n++)
+        st.top1_gate_sum += *std::max_element(&soft_Cw_[(size_t)n * S], &soft_Cw_[(size_t)n * S] + S);
+    r_ = Routing{};
+    r_.N = N; r_.E = E_;
+}
+
+void MoeLayer::soft_backward(float* dx, const float* dout, float* w, float* g) {
+    const int B = B_, T = T_, N = B * T, C = C_, p = rc_.soft_slots, S = E_ * p;
+    auto row = [&](int b, int sl) { return (size_t)(sl / p) * B * p + (size_t)b * p + sl % p; };
+    std::vector<float> d((size_t)N * C), dYs((size_t)B * S * C, 0.0f), dLc((size_t)N * S);
+    be_.download(d.data(), dout, d.size() * sizeof(float));
+    #pragma omp parallel for schedule(static)
+    for (int b = 0; b < B; b++) {
+        for (int t = 0; t < T; t++) {
+            const size_t n = (size_t)b * T + t;
+            std::vector<float> dcw(S);
+            float dot = 0.0f;
+            for (int sl = 0; sl < S; sl++) {
+                const float* ys = &soft_Ys_[row(b, sl) * C];
+                float a = 0.0f;
+                for (int c = 0; c < C; c++) a += d[n * C + c] * ys[c];
+                dcw[sl] = a;
+                dot += a * soft_Cw_[n * S + sl];
+            }
+            for (int sl = 0; sl < S; sl++) dLc[n * S + sl] = soft_Cw_[n * S + sl] * (dcw[sl] - dot);
+        }
+        for (int sl = 0; sl < S; sl++) {
+            float* dy = &dYs[row(b, sl) * C];
+            for (int t = 0; t < T; t++) {
+                const size_t n = (size_t)b * T + t;
+                float cw = soft_Cw_[n * S + sl];
+                for (int c = 0; c < C; c++) dy[c] += cw * d[n * C + c];
+            }
+        }
+    }
+    std::vector<int> offsets(E_ + 1);
+    for (int e = 0; e <= E_; e++) offsets[e] = e * B * p;
+    be_.upload(dy_, dYs.data(), dYs.size() * sizeof(float));
+    grouped_backward(routed_, offsets, w, g);
+    std::vector<float> dXs(dYs.size()), dxh((size_t)N * C, 0.0f), dphi((size_t)C * S, 0.0f);
+    be_.download(dXs.data(), dxg_, dXs.size() * sizeof(float));
+    std::vector<std::vector<float>> dphi_b(B, std::vector<float>((size_t)C * S, 0.0f));
+    #pragma omp parallel for schedule(static)
+    for (int b = 0; b < B; b++) {
+        std::vector<float> dL((size_t)T * S);
+        for (int sl = 0; sl < S; sl++) {
+            const float* dxs = &dXs[row(b, sl) * C];
+            std::vector<float> dD(T);
+            float dot = 0.0f;
+            for (int t = 0; t < T; t++) {
+                const size_t n = (size_t)b * T + t;
+                float a = 0.0f, dval = soft_D_[n * S + sl];
+                for (int c = 0; c < C; c++) {
+                    a += dxs[c] * soft_x_[n * C + c];
+                    dxh[n * C + c] += dval * dxs[c];
+                }
+                dD[t] = a;
+                dot += a * dval;
+            }
+            for (int t = 0; t < T; t++) {
+                const size_t n = (size_t)b * T + t;
+                dL[(size_t)t * S + sl] = soft_D_[n * S + sl] * (dD[t] - dot) + dLc[n * S + sl];
+            }
+        }
+        for (int t = 0; t < T; t++) {
+            const size_t n = (size_t)b * T + t;
+            for (int c = 0; c < C; c++) {
+                float xv = soft_x_[n * C + c], acc = 0.0f;
+                for (int sl = 0; sl < S; sl++) {
+                    dphi_b[b][(size_t)c * S + sl] += xv * dL[(size_t)t * S + sl];
+                    acc += dL[(size_t)t * S + sl] * soft_phi_[(size_t)c * S + sl];
+                }
+                dxh[n * C + c] += acc;
+            }
+        }
+    }
+    for (int b = 0; b < B; b++) for (size_t i = 0; i < dphi.size(); i++) dphi[i] += dphi_b[b][i];
+    be_.upload(tmp_, dxh.data(), dxh.size() * sizeof(float));
+    be_.residual_forward(dx, dx, tmp_, dxh.size());
+    std::vector<float> gphi(dphi.size());
+    be_.download(gphi.data(), P(g, p_slots_), gphi.size() * sizeof(float));
+    for (size_t i = 0; i < gphi.size(); i++) gphi[i] += dphi[i];
+    be_.upload(P(g, p_slots_), gphi.data(), gphi.size() * sizeof(float));
+}
+
+void MoeLayer::update_bias(const std::vector<double>& routed) {
+    if (bias_.empty()) return;
+    const double mean = std::accumulate(routed.begin(), routed.end(), 0.0) / E_;
+    std::vector<double> upd(E_);
+    for (int e = 0; e < E_; e++) {
+        double d = mean - routed[e];
+        upd[e] = bal_.bias_rate * ((d > 0) - (d < 0));
+    }
+    if (bal_.bias_center) {
+        double m = std::accumulate(upd.begin(), upd.end(), 0.0) / E_;
+        for (double& u : upd) u -= m;
+    }
+    for (int e = 0; e < E_; e++) bias_[e] += (float)upd[e];
+}
+
+}  // namespace moe
