@@ -408,10 +408,35 @@ struct Loader {
             need(r.groups == 1 || r.type == "topk", "router.groups",
                  fmt::format("group-limited routing (groups > 1) needs router.type = topk, "
                              "not {}", r.type), {"router.type"});
-            need(b.bias_rate == 0 || !(r.type == "hash" || r.type == "soft" ||
-                                       r.type == "expert_choice"), "balance.bias_rate",
-                 fmt::format("router.type = {} has no scores to bias; set balance.bias_rate "
-                             "to 0", r.type), {"router.type"});
+            need(b.bias_rate == 0 || r.type == "topk", "balance.bias_rate",
+                 fmt::format("the aux-loss-free bias steers top-k selection; router.type = {} "
+                             "has no top-k scores to bias (set balance.bias_rate to 0)", r.type),
+                 {"router.type"});
+            const bool no_scores = r.type == "hash" || r.type == "soft";
+            for (auto [key, coef] : {std::pair{"balance.aux_loss", b.aux_loss},
+                                     {"balance.importance_loss", b.importance_loss},
+                                     {"balance.load_loss", b.load_loss}})
+                need(coef == 0 || !(no_scores || r.type == "expert_choice"), key,
+                     fmt::format("router.type = {} {}; set {} to 0", r.type,
+                                 no_scores ? "has no router scores to balance"
+                                           : "is balanced by construction", key),
+                     {"router.type"});
+            need(b.z_loss == 0 || !no_scores, "balance.z_loss",
+                 fmt::format("router.type = {} has no router logits; set balance.z_loss to 0", r.type),
+                 {"router.type"});
+            need(b.load_loss == 0 || r.noise == "gaussian", "balance.load_loss",
+                 "the load loss estimates load under router noise: it needs router.noise = gaussian",
+                 {"router.noise"});
+            need(r.type != "hash" || e.top_k == 1, "model.moe.top_k",
+                 fmt::format("hash routing sends each token to one expert: top_k must be 1, got {}",
+                             e.top_k), {"router.type"});
+            need(r.groups == 1 || r.topk_groups <= e.top_k, "router.topk_groups",
+                 fmt::format("{} groups cannot each contribute to top_k = {} experts", r.topk_groups,
+                             e.top_k), {"model.moe.top_k"});
+            need((r.capacity_factor == 0 && r.eval_capacity_factor == 0) ||
+                     !(r.type == "soft" || r.type == "expert_choice"), "router.capacity_factor",
+                 fmt::format("router.type = {} sets its own capacity; capacity_factor must be 0", r.type),
+                 {"router.type"});
             need(e.experts % cfg.dist.expert_parallel == 0, "dist.expert_parallel",
                  fmt::format("model.moe.experts = {} is not divisible by {}", e.experts,
                              cfg.dist.expert_parallel), {"model.moe.experts"});

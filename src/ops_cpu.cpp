@@ -372,6 +372,7 @@ void attention_forward(float* out, float* preatt, float* att, const float* qkv,
                 for (int t2 = 0; t2 <= t; t2++) {
                     const float* k = qkv + ((size_t)b * T + t2) * C3 + C + h * hs;
                     float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
                     for (int i = 0; i < hs; i++) dot += q[i] * k[i];
                     pre[t2] = dot * scale;
                     maxv = std::max(maxv, pre[t2]);
@@ -420,6 +421,7 @@ void attention_backward(float* dqkv, float* dpreatt, float* datt, const float* d
                     const float* v = qkv + ((size_t)b * T + t2) * C3 + 2 * C + h * hs;
                     float* dv = dqkv + ((size_t)b * T + t2) * C3 + 2 * C + h * hs;
                     float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
                     for (int i = 0; i < hs; i++) {
                         dot += v[i] * d[i];
                         dv[i] += a[t2] * d[i];

@@ -408,10 +408,24 @@ TEST_CASE("config: consistency rules name the key and the right line") {
                      {"router.noise", "token-choice", type, "x.yaml:5)"});
         expect_error(fmt::format("model:\n  moe: {{}}\nrouter:\n  type: {}\nbalance:\n  bias_rate: 0.01\n",
                                  type),
-                     {"balance.bias_rate", "no scores to bias", type, "x.yaml:6)"});
+                     {"balance.bias_rate", "no top-k scores to bias", type, "x.yaml:6)"});
     }
     CHECK(error_of("model:\n  moe: {}\nrouter:\n  type: sinkhorn\n  noise: gaussian\n") == "");
-    CHECK(error_of("model:\n  moe: {}\nrouter:\n  type: sinkhorn\nbalance:\n  bias_rate: 0.01\n") == "");
+    expect_error("model:\n  moe: {}\nrouter:\n  type: sinkhorn\nbalance:\n  bias_rate: 0.01\n",
+                 {"balance.bias_rate", "sinkhorn", "x.yaml:6)"});
+    // rules that keep each balancing term to routers it means something for (docs/moe.md)
+    expect_error("model:\n  moe: {}\nrouter:\n  type: expert_choice\nbalance:\n  aux_loss: 0.01\n",
+                 {"balance.aux_loss", "balanced by construction", "x.yaml:6)"});
+    expect_error("model:\n  moe: {}\nrouter:\n  type: soft\nbalance:\n  z_loss: 0.01\n",
+                 {"balance.z_loss", "no router logits", "x.yaml:6)"});
+    expect_error("model:\n  moe: {}\nbalance:\n  load_loss: 0.01\n",
+                 {"balance.load_loss", "router.noise = gaussian", "x.yaml:4)"});
+    expect_error("model:\n  moe: {top_k: 2}\nrouter:\n  type: hash\n",
+                 {"model.moe.top_k", "top_k must be 1", "x.yaml:2)"});
+    expect_error("model:\n  moe: {experts: 8, top_k: 1}\nrouter:\n  groups: 4\n  topk_groups: 2\n",
+                 {"router.topk_groups", "x.yaml:5)"});
+    expect_error("model:\n  moe: {}\nrouter:\n  type: expert_choice\n  capacity_factor: 1.0\n",
+                 {"router.capacity_factor", "x.yaml:5)"});
     expect_error("model:\n  moe: {}\nrouter:\n  type: sinkhorn\n  groups: 2\n",
                  {"router.groups", "needs router.type = topk", "x.yaml:5)"});
     expect_error("train:\n  device: cpu\n  dtype: bf16\n",
@@ -454,8 +468,8 @@ TEST_CASE("config: --set overrides") {
 
     // load_config applies them too, after the file
     TempDir dir;
-    Config f = moe::load_config(dir.write("o.yaml", kFull), {"model.moe.top_k=1"});
-    CHECK(f.model.moe.top_k == 1);
+    Config f = moe::load_config(dir.write("o.yaml", kFull), {"model.moe.top_k=2"});
+    CHECK(f.model.moe.top_k == 2);
     CHECK(f.model.moe.experts == 16);
 
     // errors name the override
@@ -502,7 +516,7 @@ TEST_CASE("config: config_to_yaml round-trips exactly") {
     CHECK(has(text, "    shared_ff: 128\nrouter:\n"));
 
     Config o = moe::parse_config("", "x.yaml",
-                                 {"model.moe.experts=16", "train.steps=20", "router.type=hash",
+                                 {"model.moe.experts=16", "model.moe.top_k=1", "train.steps=20", "router.type=hash",
                                   "train.out_dir=runs/\"quoted\" \\ #x: y", "data.val=*.bin"});
     round_trip(o);
 
