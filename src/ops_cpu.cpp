@@ -48,8 +48,10 @@ inline float exp_fast(float x) {
 }
 
 // ----------------------------------------------------------------------------------------
-// GEMM: C[m, n] (= or +=) bias[n] + sum_k A(m, k) * B(k, n), with A and B given by strides, so
-// one routine serves out = inp W^T, dinp = dout W and dweight = dout^T inp without transposes.
+// GEMM: C[m, n] (= or +=) bias[n] + alpha * sum_k A(m, k) B(k, n), with A and B given by
+// strides, so one routine serves out = inp W^T, dinp = dout W, dweight = dout^T inp and the
+// per-head products of attention without transposes. Called inside a parallel region (as
+// attention does, one (batch, head) per thread) its own parallel loops run on one thread.
 // Blocking as in BLIS: B is packed once into column panels of NR (zero padded, so no column
 // tails in the kernel), which also keeps power-of-two row strides from thrashing L1 sets. Each
 // task owns an (MC rows x some panels) block of C and walks K in KC slices; a KC x NR slice of
@@ -78,11 +80,12 @@ constexpr int kPanelsPerTask = 8;  // at most 8*NR columns of C per task
 // rows of A in place a[i*lda + k], or columns of A in place a[k*lda + i].
 enum ALayout { kPacked, kRows, kCols };
 
-// C tile (mr x nr valid of MR x NR) (+)= A tile (MR x kc) . b-panel (kc x NR).
+// C tile (mr x nr valid of MR x NR) (+)= bias + alpha * A tile (MR x kc) . b-panel (kc x NR).
 // load_c: add to what C holds (else overwrite); bias (nr floats) or nullptr.
 template <ALayout L>
 void micro_kernel(int kc, const float* __restrict a, size_t lda, const float* __restrict b,
-                  float* c, size_t ldc, int mr, int nr, bool load_c, const float* bias) {
+                  float* c, size_t ldc, int mr, int nr, bool load_c, const float* bias,
+                  float alpha) {
     vec acc[MR][NV];
     for (int i = 0; i < MR; i++)
         for (int v = 0; v < NV; v++) acc[i][v] = vec{};
@@ -103,13 +106,13 @@ void micro_kernel(int kc, const float* __restrict a, size_t lda, const float* __
                 vecu* cp = (vecu*)(c + (size_t)i * ldc + VL * v);
                 const vec cv = load_c ? *cp : vec{};
                 const vec bb = bias ? *(const vecu*)(bias + VL * v) : vec{};
-                *cp = cv + (bb + acc[i][v]);
+                *cp = cv + (bb + alpha * acc[i][v]);
             }
     } else {  // edge tile of C: only the valid part is touched
         for (int i = 0; i < mr; i++)
             for (int j = 0; j < nr; j++) {
                 float* cp = c + (size_t)i * ldc + j;
-                *cp = (load_c ? *cp : 0.0f) + ((bias ? bias[j] : 0.0f) + acc[i][j / VL][j % VL]);
+                *cp = (load_c ? *cp : 0.0f) + ((bias ? bias[j] : 0.0f) + alpha * acc[i][j / VL][j % VL]);
             }
     }
 }
@@ -128,7 +131,7 @@ void pack_a(float* ap, const float* a0, size_t sam, size_t sak, int mc, int kc) 
 void gemm(float* c, size_t ldc,                          // (M, Nc), row stride ldc
           const float* A, size_t sam, size_t sak,        // A(m, k) = A[m*sam + k*sak]
           const float* B, size_t sbk, size_t sbn,        // B(k, n) = B[k*sbk + n*sbn]
-          const float* bias, bool accumulate, int M, int Nc, int K) {
+          const float* bias, bool accumulate, float alpha, int M, int Nc, int K) {
     if (M <= 0 || Nc <= 0) return;
     if (K <= 0) {  // empty sum: C = bias (or unchanged when accumulating)
         if (!accumulate)
@@ -196,11 +199,11 @@ void gemm(float* c, size_t ldc,                          // (M, Nc), row stride 
                         float* ct = c + (size_t)(m0 + r) * ldc + n0;
                         const int mr = std::min(MR, mc - r);
                         if (r >= full)
-                            micro_kernel<kPacked>(kc, ap + (size_t)(r - full) * kc, 0, bpanel, ct, ldc, mr, nr, load_c, bb);
+                            micro_kernel<kPacked>(kc, ap + (size_t)(r - full) * kc, 0, bpanel, ct, ldc, mr, nr, load_c, bb, alpha);
                         else if (sak == 1)
-                            micro_kernel<kRows>(kc, a0 + (size_t)r * sam, sam, bpanel, ct, ldc, mr, nr, load_c, bb);
+                            micro_kernel<kRows>(kc, a0 + (size_t)r * sam, sam, bpanel, ct, ldc, mr, nr, load_c, bb, alpha);
                         else
-                            micro_kernel<kCols>(kc, a0 + r, sak, bpanel, ct, ldc, mr, nr, load_c, bb);
+                            micro_kernel<kCols>(kc, a0 + r, sak, bpanel, ct, ldc, mr, nr, load_c, bb, alpha);
                     }
                 }
             }
@@ -328,15 +331,15 @@ void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* 
 void matmul_forward(float* out, const float* inp, const float* weight, const float* bias,
                     int N, int C, int OC) {
     // out (N, OC) = inp (N, C) . W^T:  A = inp, B(k=c, n=o) = W[o*C + c]
-    gemm(out, OC, inp, C, 1, weight, 1, C, bias, false, N, OC, C);
+    gemm(out, OC, inp, C, 1, weight, 1, C, bias, false, 1.0f, N, OC, C);
 }
 
 void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout,
                      const float* inp, const float* weight, int N, int C, int OC) {
     // dinp (N, C) += dout (N, OC) . W (OC, C)
-    if (dinp) gemm(dinp, C, dout, OC, 1, weight, C, 1, nullptr, true, N, C, OC);
+    if (dinp) gemm(dinp, C, dout, OC, 1, weight, C, 1, nullptr, true, 1.0f, N, C, OC);
     // dweight (OC, C) += dout^T (OC, N) . inp (N, C):  A(m=o, k=n) = dout[n*OC + o]
-    if (dweight) gemm(dweight, C, dout, 1, OC, inp, C, 1, nullptr, true, OC, C, N);
+    if (dweight) gemm(dweight, C, dout, 1, OC, inp, C, 1, nullptr, true, 1.0f, OC, C, N);
     if (dbias) {
         // column sums of dout; threads split the columns, rows are walked in order
         const int nblk = (OC + 63) / 64;
@@ -354,44 +357,52 @@ void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dou
 }
 
 // ----------------------------------------------------------------------------------------
-// attention (llm.c's CPU algorithm; the softmax backward is the O(T) form)
+// attention: llm.c's algorithm, with the per-head products done by the GEMM. One thread owns
+// a (batch, head): it writes only that head's columns of that sequence (dk, dv of a key
+// collect from every later query, so finer splits would race). Queries go in blocks of
+// kAttBlock rows; a block only multiplies against the keys it can see (0 .. its last row),
+// so the causal mask wastes at most one diagonal block of work.
+
+constexpr int kAttBlock = 64;
 
 void attention_forward(float* out, float* preatt, float* att, const float* qkv,
                        int B, int T, int C, int NH) {
     const int C3 = 3 * C, hs = C / NH;
     const float scale = 1.0f / std::sqrt((float)hs);
-#pragma omp parallel for collapse(3)
+#pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++) {
-        for (int t = 0; t < T; t++) {
-            for (int h = 0; h < NH; h++) {
-                const float* q = qkv + ((size_t)b * T + t) * C3 + h * hs;        // (hs)
-                float* pre = preatt + (((size_t)b * NH + h) * T + t) * T;        // (T)
-                float* a = att + (((size_t)b * NH + h) * T + t) * T;             // (T)
-                // scores against keys 0..t (causal), with the row max for a stable softmax
-                float maxv = -INFINITY;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float* k = qkv + ((size_t)b * T + t2) * C3 + C + h * hs;
-                    float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                    for (int i = 0; i < hs; i++) dot += q[i] * k[i];
-                    pre[t2] = dot * scale;
-                    maxv = std::max(maxv, pre[t2]);
+        for (int h = 0; h < NH; h++) {
+            const float* q = qkv + (size_t)b * T * C3 + h * hs;  // (T, hs), row stride 3C
+            const float* k = q + C;                              // (T, hs), row stride 3C
+            const float* v = q + 2 * C;                          // (T, hs), row stride 3C
+            float* pre = preatt + ((size_t)b * NH + h) * T * T;  // (T, T)
+            float* a = att + ((size_t)b * NH + h) * T * T;       // (T, T)
+            float* o = out + (size_t)b * T * C + h * hs;         // (T, hs), row stride C
+            for (int m0 = 0; m0 < T; m0 += kAttBlock) {
+                const int mr = std::min(kAttBlock, T - m0), n = m0 + mr;  // keys 0..n-1 visible
+                // pre[m0.., :n] = scale * q[m0..] k[:n]^T
+                gemm(pre + (size_t)m0 * T, T, q + (size_t)m0 * C3, C3, 1, k, 1, C3, nullptr, false,
+                     scale, mr, n, hs);
+                // causal softmax of each row, max subtracted; masked entries are defined zeros
+                for (int t = m0; t < n; t++) {
+                    float* pr = pre + (size_t)t * T;  // (T)
+                    float* ar = a + (size_t)t * T;    // (T)
+                    float maxv = -INFINITY;
+#pragma omp simd reduction(max : maxv)
+                    for (int t2 = 0; t2 <= t; t2++) maxv = std::max(maxv, pr[t2]);
+                    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+                    for (int t2 = 0; t2 <= t; t2++) {
+                        ar[t2] = exp_fast(pr[t2] - maxv);
+                        sum += ar[t2];
+                    }
+                    const float inv = 1.0f / sum;
+                    for (int t2 = 0; t2 <= t; t2++) ar[t2] *= inv;
+                    for (int t2 = t + 1; t2 < T; t2++) pr[t2] = ar[t2] = 0.0f;
                 }
-                float sum = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    a[t2] = exp_fast(pre[t2] - maxv);
-                    sum += a[t2];
-                }
-                const float inv = 1.0f / sum;
-                for (int t2 = 0; t2 <= t; t2++) a[t2] *= inv;
-                for (int t2 = t + 1; t2 < T; t2++) pre[t2] = a[t2] = 0.0f;  // masked: defined zeros
-                // out = att . v
-                float* o = out + ((size_t)b * T + t) * C + h * hs;  // (hs)
-                for (int i = 0; i < hs; i++) o[i] = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float* v = qkv + ((size_t)b * T + t2) * C3 + 2 * C + h * hs;
-                    for (int i = 0; i < hs; i++) o[i] += a[t2] * v[i];
-                }
+                // o[m0..] = att[m0.., :n] v[:n]
+                gemm(o + (size_t)m0 * C, C, a + (size_t)m0 * T, T, 1, v, C3, 1, nullptr, false,
+                     1.0f, mr, hs, n);
             }
         }
     }
@@ -402,47 +413,49 @@ void attention_backward(float* dqkv, float* dpreatt, float* datt, const float* d
     if (!dqkv) return;
     const int C3 = 3 * C, hs = C / NH;
     const float scale = 1.0f / std::sqrt((float)hs);
-    // dk and dv of position t2 collect from every query t >= t2, so a thread owns a whole
-    // (batch, head): it writes only that head's columns of that sequence. datt/dpreatt rows
-    // are written (=) in full, masked entries as 0.
-#pragma omp parallel for collapse(2)
+#pragma omp parallel for collapse(2) schedule(static)
     for (int b = 0; b < B; b++) {
         for (int h = 0; h < NH; h++) {
-            for (int t = 0; t < T; t++) {
-                const size_t row = (((size_t)b * NH + h) * T + t) * T;
-                const float* a = att + row;  // (T)
-                float* da = datt + row;      // (T)
-                float* dp = dpreatt + row;   // (T)
-                const float* q = qkv + ((size_t)b * T + t) * C3 + h * hs;  // (hs)
-                float* dq = dqkv + ((size_t)b * T + t) * C3 + h * hs;      // (hs)
-                const float* d = dout + ((size_t)b * T + t) * C + h * hs;  // (hs)
-                // out = sum_t2 a[t2] v[t2]
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float* v = qkv + ((size_t)b * T + t2) * C3 + 2 * C + h * hs;
-                    float* dv = dqkv + ((size_t)b * T + t2) * C3 + 2 * C + h * hs;
-                    float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-                    for (int i = 0; i < hs; i++) {
-                        dot += v[i] * d[i];
-                        dv[i] += a[t2] * d[i];
-                    }
-                    da[t2] = dot;
+            const size_t qoff = (size_t)b * T * C3 + h * hs, aoff = ((size_t)b * NH + h) * T * T;
+            const float* q = qkv + qoff;  // (T, hs) each, row stride 3C
+            const float* k = q + C;
+            const float* v = q + 2 * C;
+            float* dq = dqkv + qoff;
+            float* dk = dq + C;
+            float* dv = dq + 2 * C;
+            const float* a = att + aoff;                       // (T, T)
+            float* da = datt + aoff;                           // (T, T), written in full
+            float* dp = dpreatt + aoff;                        // (T, T), written in full
+            const float* d = dout + (size_t)b * T * C + h * hs;  // (T, hs), row stride C
+            for (int m0 = 0; m0 < T; m0 += kAttBlock) {
+                const int mr = std::min(kAttBlock, T - m0), n = m0 + mr;
+                // out = att v  =>  datt[m0.., :n] = dout[m0..] v[:n]^T
+                gemm(da + (size_t)m0 * T, T, d + (size_t)m0 * C, C, 1, v, 1, C3, nullptr, false,
+                     1.0f, mr, n, hs);
+                // softmax: dpre[j] = a[j] (datt[j] - sum_i a[i] datt[i])
+                for (int t = m0; t < n; t++) {
+                    const float* ar = a + (size_t)t * T;
+                    float* dar = da + (size_t)t * T;
+                    float* dpr = dp + (size_t)t * T;
+                    float ada = 0.0f;
+#pragma omp simd reduction(+ : ada)
+                    for (int t2 = 0; t2 <= t; t2++) ada += ar[t2] * dar[t2];
+                    for (int t2 = 0; t2 <= t; t2++) dpr[t2] = ar[t2] * (dar[t2] - ada);
+                    for (int t2 = t + 1; t2 < T; t2++) dar[t2] = dpr[t2] = 0.0f;
                 }
-                // softmax: dpre[j] = a[j] * (da[j] - sum_i a[i] da[i])
-                float ada = 0.0f;
-                for (int t2 = 0; t2 <= t; t2++) ada += a[t2] * da[t2];
-                for (int t2 = 0; t2 <= t; t2++) dp[t2] = a[t2] * (da[t2] - ada);
-                for (int t2 = t + 1; t2 < T; t2++) da[t2] = dp[t2] = 0.0f;
-                // pre[t2] = scale * q . k[t2]
-                for (int t2 = 0; t2 <= t; t2++) {
-                    const float* k = qkv + ((size_t)b * T + t2) * C3 + C + h * hs;
-                    float* dk = dqkv + ((size_t)b * T + t2) * C3 + C + h * hs;
-                    const float g = dp[t2] * scale;
-                    for (int i = 0; i < hs; i++) {
-                        dq[i] += g * k[i];
-                        dk[i] += g * q[i];
-                    }
-                }
+                // pre = scale q k^T  =>  dq[m0..] += scale * dpre[m0.., :n] k[:n]
+                gemm(dq + (size_t)m0 * C3, C3, dp + (size_t)m0 * T, T, 1, k, C3, 1, nullptr, true,
+                     scale, mr, hs, n);
+            }
+            // keys and values n0.. are seen by queries n0..T-1 only:
+            // dk[n0..] += scale * dpre[n0:, n0..]^T q[n0:],  dv[n0..] += att[n0:, n0..]^T dout[n0:]
+            for (int n0 = 0; n0 < T; n0 += kAttBlock) {
+                const int nr = std::min(kAttBlock, T - n0), kk = T - n0;
+                const size_t diag = (size_t)n0 * T + n0;
+                gemm(dk + (size_t)n0 * C3, C3, dp + diag, 1, T, q + (size_t)n0 * C3, C3, 1, nullptr,
+                     true, scale, nr, hs, kk);
+                gemm(dv + (size_t)n0 * C3, C3, a + diag, 1, T, d + (size_t)n0 * C, C, 1, nullptr,
+                     true, 1.0f, nr, hs, kk);
             }
         }
     }
@@ -501,6 +514,7 @@ void crossentropy_softmax_forward(float* losses, float* probs, const float* logi
     for (int n = 0; n < N; n++) {
         const float* z = logits + (size_t)n * V;  // (V)
         float maxv = -INFINITY;
+#pragma omp simd reduction(max : maxv)
         for (int v = 0; v < V; v++) maxv = std::max(maxv, z[v]);
         float sum = 0.0f;
         if (probs) {

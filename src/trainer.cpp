@@ -5,6 +5,7 @@
 #include "model_io.h"
 #include "moe_router.h"
 #include "optim.h"
+#include "routing_report.h"
 #include "stats.h"
 
 #include <chrono>
@@ -23,7 +24,7 @@ std::unique_ptr<Backend> make_backend(const TrainConfig& tc) {
     return make_cpu_backend(tc.threads);
 }
 
-float evaluate(GPT& model, DataLoader& val, int batches) {
+float evaluate(GPT& model, DataLoader& val, int batches, const std::function<void(const int*, int)>& on_batch) {
     const bool was_training = model.training();
     model.set_training(false);
     val.reset();
@@ -32,6 +33,7 @@ float evaluate(GPT& model, DataLoader& val, int batches) {
     for (int b = 0; b < batches; b++) {
         val.next_batch(inp.data(), tgt.data());
         sum += model.forward(inp.data(), tgt.data(), val.batch_size(), val.seq_len());
+        if (on_batch) on_batch(inp.data(), (int)inp.size());
     }
     model.set_training(was_training);
     return (float)(sum / batches);
@@ -163,12 +165,22 @@ TrainSummary run_training(const Config& cfg, const TrainOptions& opt) {
     }
     const int width = (int)std::to_string(tc.steps).size();
     auto run_val = [&](int done) {
-        float vl = evaluate(model, val, tc.eval_batches);
+        RoutingReport report(model, {});
+        float vl = evaluate(model, val, tc.eval_batches, [&](const int* inp, int N) { report.add_batch(inp, N); });
         sum.val_losses.push_back({done, vl});
-        if (!opt.quiet) fmt::print("step {:>{}}/{} | val loss {:.4f}\n", done, width, tc.steps, vl);
-        metrics << nlohmann::json{{"step", done}, {"val_loss", vl}}.dump() << "\n";
+        if (!opt.quiet) {
+            fmt::print("step {:>{}}/{} | val loss {:.4f}\n", done, width, tc.steps, vl);
+            if (mc.moe.enabled) fmt::print("{}\n", report.summary_line());
+        }
+        nlohmann::json j{{"step", done}, {"val_loss", vl}};
+        if (mc.moe.enabled) j["val_routing"] = report.to_json();
+        metrics << j.dump() << "\n";
         metrics.flush();
     };
+    // an expert that gets no token for this many consecutive steps is reported, once
+    constexpr int kDeadSteps = 50;
+    std::vector<std::vector<int>> dead_run;
+    for (MoeLayer* m : model.moe_layers()) dead_run.emplace_back(m->experts(), 0);
     if (start == 0 && tc.eval_every > 0) run_val(0);
 
     std::vector<int> inp((size_t)B * T), tgt((size_t)B * T);
@@ -202,6 +214,15 @@ TrainSummary run_training(const Config& cfg, const TrainOptions& opt) {
         }
         metrics << j.dump() << "\n";
         metrics.flush();
+        std::vector<MoeLayer*> moe = model.moe_layers();
+        for (size_t i = 0; i < moe.size(); i++)
+            for (int e = 0; e < moe[i]->experts(); e++) {
+                int& run = dead_run[i][e];
+                run = moe[i]->step_routed()[e] > 0 ? 0 : run + 1;
+                if (run == kDeadSteps && !opt.quiet)
+                    fmt::print("warning: layer {} expert {} has received no token for {} steps\n", moe[i]->layer(), e,
+                               kDeadSteps);
+            }
         if ((tc.eval_every > 0 && done % tc.eval_every == 0) || done == tc.steps) run_val(done);
         const bool stopping = opt.stop_after > 0 && done >= opt.stop_after && done < tc.steps;
         if ((tc.ckpt_every > 0 && done % tc.ckpt_every == 0) || done == tc.steps || stopping) {

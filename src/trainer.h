@@ -6,6 +6,7 @@
 #include "data.h"
 #include "model.h"
 
+#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -31,7 +32,9 @@ TrainSummary run_training(const Config& cfg, const TrainOptions& opt);
 
 // Mean loss over `batches` val batches read from the start of the loader (DESIGN.md: batch b
 // covers tokens [b*B*T, (b+1)*B*T + 1)).
-float evaluate(GPT& model, DataLoader& val, int batches);
+// on_batch, if given, sees each batch's inputs (B*T) right after its forward.
+float evaluate(GPT& model, DataLoader& val, int batches,
+               const std::function<void(const int* inputs, int N)>& on_batch = nullptr);
 
 // Picks and creates the backend for train.device / train.threads (errors explain why not).
 std::unique_ptr<Backend> make_backend(const TrainConfig& tc);

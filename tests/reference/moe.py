@@ -135,8 +135,11 @@ def capacity(cf, k, N, E):
 
 
 def cv_squared(v):
-    """CV^2 = var / mean^2 with the population variance (divide by len(v))."""
+    """CV^2 = var / mean^2 with the population variance (divide by len(v)); 0 when the mean is
+    0 (never with positive scores)."""
     mean = v.mean()
+    if float(mean) == 0.0:
+        return v.sum() * 0.0
     var = ((v - mean) ** 2).mean()
     return var / mean ** 2
 
@@ -147,13 +150,15 @@ def normal_cdf(x):
 
 def sinkhorn(z):
     """The Sinkhorn-balanced matrix of docs/moe.md step 7, from logits z (N, E), no gradient.
-    P = exp(z - max z) with the max over the whole matrix (a global constant, so this is
-    Sinkhorn on exp(z)); then at most 100 times: measure err = mean over columns of
+    Computed in float64 whatever the model's precision, returned in z's dtype (the selection
+    then ranks those values). P = exp(z - max z) with the max taken per token (row), so that
+    no row can underflow; then at most 100 times: measure err = mean over columns of
     |colsum * E / N - 1| and stop if err < 1e-4, else scale every column to sum N/E, then
     every row to sum 1."""
-    z = z.detach()
+    dtype = z.dtype
+    z = z.detach().to(torch.float64)
     N, E = z.shape
-    P = torch.exp(z - z.max())
+    P = torch.exp(z - z.max(dim=1, keepdim=True).values)
     for _ in range(SINKHORN_MAX_ITERS):
         colsum = P.sum(dim=0)                                   # (E,)
         err = (colsum * E / N - 1.0).abs().mean()
@@ -161,7 +166,7 @@ def sinkhorn(z):
             break
         P = P * ((N / E) / colsum).unsqueeze(0)                 # columns sum to N/E
         P = P / P.sum(dim=1, keepdim=True)                      # rows sum to 1
-    return P
+    return P.to(dtype)
 
 
 def balanced_hash_table(counts, E):
@@ -268,8 +273,6 @@ def validate_moe_config(cfg):
         raise ValueError("config: balance.bias_rate > 0 needs router.type topk or sinkhorn")
     if r["type"] == "hash" and k != 1:
         raise ValueError(f"config: router.type = hash needs model.moe.top_k = 1, got {k}")
-    if b["load_loss"] > 0 and r["noise"] != "gaussian":
-        raise ValueError("config: balance.load_loss > 0 needs router.noise = gaussian")
     if r["soft_slots"] < 1:
         raise ValueError("config: router.soft_slots must be >= 1")
 
@@ -344,7 +347,7 @@ class MoE(nn.Module):
         return F.softmax(z, dim=1) if self.cfg["router"]["score"] == "softmax" else torch.sigmoid(z)
 
     def _token_choice(self, xf, ctx, B, T):
-        r, bal = self.cfg["router"], self.cfg["balance"]
+        r = self.cfg["router"]
         N, C = xf.shape
         E, k = self.E, self.k
         train = ctx.training
@@ -434,36 +437,42 @@ class MoE(nn.Module):
     def _balancing_terms(self, rec, z, z_clean, std, s, choice, B, T):
         """aux, z, imp, load (training mode), coefficient included; 0 when off."""
         bal = self.cfg["balance"]
-        N, E = s.shape
-        k = choice.shape[1]
+        N, k = choice.shape
         if bal["aux_loss"] > 0:
-            rec.aux = bal["aux_loss"] * self._aux(s, choice.reshape(-1), torch.arange(N).repeat_interleave(k),
-                                                  k, B, T)
+            rec.aux = bal["aux_loss"] * self._aux(s, choice.reshape(-1),
+                                                  torch.arange(N).repeat_interleave(k), B, T)
         if bal["z_loss"] > 0:
             lse = torch.logsumexp(z, dim=1)
             rec.z = bal["z_loss"] * (lse ** 2).mean()
         if bal["importance_loss"] > 0:
             rec.imp = bal["importance_loss"] * cv_squared(s.sum(dim=0))
-        if bal["load_loss"] > 0:
+        if bal["load_loss"] > 0 and std is not None:            # needs gaussian noise, else 0
             rec.load = bal["load_loss"] * cv_squared(self._load(z, z_clean, std, k))
         return rec
 
-    def _aux(self, s, exp, tok, k, B, T):
-        """E * sum_i f_i P_i, f_i = count_i / (k * tokens) (a constant), P_i = mean s[:, i];
-        per sequence and averaged with aux_scope sequence. `exp`/`tok`: the selected
-        assignments (before dropping)."""
+    @staticmethod
+    def _fractions(counts):
+        """f_i = count_i / sum_j count_j (0 if nothing was selected): for token choice the sum
+        is k * tokens, so this is docs/moe.md's count_i / (k N); for expert choice it is the
+        share of the selected (token, expert) pairs."""
+        total = counts.sum()
+        return counts / total if float(total) > 0 else counts * 0.0
+
+    def _aux(self, s, exp, tok, B, T):
+        """E * sum_i f_i P_i, f_i the fraction of the selected assignments (before dropping)
+        that went to expert i (a constant), P_i = mean s[:, i]; per sequence and averaged over
+        the B sequences with aux_scope sequence. `exp`/`tok`: the selected assignments."""
         E = self.E
         if self.cfg["balance"]["aux_scope"] == "sequence":
             total = s.new_zeros(())
             for b in range(B):
                 in_seq = (tok >= b * T) & (tok < (b + 1) * T)
-                f = (self._counts(exp, in_seq) / (k * T)).to(s.dtype)
+                f = self._fractions(self._counts(exp, in_seq)).to(s.dtype)
                 P = s[b * T:(b + 1) * T].mean(dim=0)
                 total = total + E * (f * P).sum()
             return total / B
         # micro_batch; global == micro_batch here (one micro-batch on one rank)
-        N = s.shape[0]
-        f = (self._counts(exp) / (k * N)).to(s.dtype)
+        f = self._fractions(self._counts(exp)).to(s.dtype)
         P = s.mean(dim=0)
         return E * (f * P).sum()
 
@@ -520,11 +529,11 @@ class MoE(nn.Module):
         counts = self._counts(exp)
         rec = LayerRecord(counts, counts.clone(), *self._zero_terms(xf))
         if ctx.training:
-            # the formulas of the balancing terms applied as written (see README): aux with
-            # f_i = count_i / (k N), k = model.moe.top_k; z; imp. (load needs gaussian noise,
-            # which expert choice does not allow.)
+            # the balancing terms apply as written (README): aux with f_i = the share of the
+            # selected (token, expert) pairs, z, imp; load needs gaussian noise, which expert
+            # choice does not allow, so it is 0.
             if bal["aux_loss"] > 0:
-                rec.aux = bal["aux_loss"] * self._aux(s, exp, tok, self.k, B, T)
+                rec.aux = bal["aux_loss"] * self._aux(s, exp, tok, B, T)
             if bal["z_loss"] > 0:
                 rec.z = bal["z_loss"] * (torch.logsumexp(z, dim=1) ** 2).mean()
             if bal["importance_loss"] > 0:
@@ -534,17 +543,24 @@ class MoE(nn.Module):
     # ---- hash ----
 
     def _hash(self, ctx, N, dtype):
+        """expert = table[token id], gate 1 (no scale, no gradient); top_k is 1. A token-choice
+        router with one choice, so capacity applies as for top-k (every gate is 1, so `probs`
+        keeps the earliest, like `position`)."""
         if ctx.idx is None:
             raise ValueError("the hash router needs the token ids")
+        r = self.cfg["router"]
         ids = ctx.idx.reshape(-1).long()                        # (N,)
         table = self.router.hash_table.long()
         exp = table[ids]
         tok = torch.arange(N)
         gate = torch.ones(N, dtype=dtype)                       # gate 1, no gradient
         kept = torch.ones(N, dtype=torch.bool)
+        cf = r["capacity_factor"] if ctx.training else r["eval_capacity_factor"]
+        if cf > 0:
+            kept = self._apply_capacity(exp, gate, capacity(cf, 1, N, self.E), r["drop_policy"])
         counts = self._counts(exp)
         z0 = torch.zeros((), dtype=dtype)
-        return tok, exp, gate, kept, LayerRecord(counts, counts.clone(), z0, z0, z0, z0)
+        return tok, exp, gate, kept, LayerRecord(counts, self._counts(exp, kept), z0, z0, z0, z0)
 
     # ---- soft ----
 
