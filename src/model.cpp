@@ -60,7 +60,8 @@ void GPT::add_param(const std::string& name, std::vector<int64_t> shape) {
     p.numel = 1;
     for (int64_t d : p.shape) p.numel *= (size_t)d;
     p.offset = num_params_;
-    p.decay = p.shape.size() >= 2;
+    // matrices decay; biases do not, also the stacked (E, F) expert biases
+    p.decay = p.shape.size() >= 2 && !(name.size() >= 5 && name.compare(name.size() - 5, 5, ".bias") == 0);
     num_params_ += p.numel;
     params_.push_back(std::move(p));
 }

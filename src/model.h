@@ -19,7 +19,7 @@ struct ParamTensor {
     std::vector<int64_t> shape;
     size_t offset = 0;            // into GPT::weights / grads (floats)
     size_t numel = 0;
-    bool decay = false;           // AdamW weight decay: tensors with >= 2 dims
+    bool decay = false;           // AdamW weight decay: matrices (>= 2 dims, not biases)
 };
 
 class GPT {

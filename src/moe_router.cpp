@@ -264,6 +264,7 @@ static void load_probs(const Routing& r, int k, std::vector<double>& P, std::vec
         for (int i = 0; i < E; i++) {
             size_t idx = (size_t)n * E + i;
             float thr = z[i] >= kth ? kth1 : kth;
+            if (std::isinf(thr)) { P[idx] = 1.0; continue; }  // k = E: every expert is always in the top k
             double sd = r.noise_std[idx];
             double u = (r.z_clean[idx] - (double)thr) / sd;
             P[idx] = 0.5 * std::erfc(-u / std::sqrt(2.0));
@@ -369,6 +370,7 @@ void balance_backward(BalanceGrads& g, const Routing& r, const BalanceConfig& ba
                 size_t idx = (size_t)n * E + i;
                 double sd = r.noise_std[idx];
                 double thr = z[i] >= kth ? kth1 : kth;
+                if (std::isinf(thr)) continue;                 // P = 1, no gradient
                 double u = (r.z_clean[idx] - thr) / sd;
                 double d = scale * bal.load_loss * dload[i] * dens[idx];
                 g.dzc[idx] += (float)(d / sd);        // threshold is a constant (docs/moe.md)

@@ -264,9 +264,11 @@ void layernorm_forward(float* out, float* mean, float* rstd, const float* inp,
         const float* x = inp + (size_t)n * C;  // (C)
         float* o = out + (size_t)n * C;        // (C)
         float m = 0.0f;
+#pragma omp simd reduction(+ : m)
         for (int c = 0; c < C; c++) m += x[c];
         m /= C;
         float v = 0.0f;  // two passes: the variance around the mean does not cancel
+#pragma omp simd reduction(+ : v)
         for (int c = 0; c < C; c++) v += (x[c] - m) * (x[c] - m);
         v /= C;  // biased variance, as PyTorch's LayerNorm
         const float s = 1.0f / std::sqrt(v + kLayerNormEps);
@@ -288,6 +290,7 @@ void layernorm_backward(float* dinp, float* dweight, float* dbias, const float* 
             const float m = mean[n], s = rstd[n];
             // dnorm = weight * dout; dx = s * (dnorm - mean(dnorm) - norm * mean(dnorm * norm))
             float dnorm_mean = 0.0f, dnorm_norm_mean = 0.0f;
+#pragma omp simd reduction(+ : dnorm_mean, dnorm_norm_mean)
             for (int c = 0; c < C; c++) {
                 const float dnorm = weight[c] * d[c];
                 dnorm_mean += dnorm;

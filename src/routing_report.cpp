@@ -169,14 +169,14 @@ static std::string heat(double rel) {
 
 void RoutingReport::write_svg(const std::string& path) const {
     if (layers_.empty()) fail("no MoE layers to draw (--svg {})", path);
-    const int E = (int)layers_[0].load.size(), cell = 28, left = 110, top = 50;
+    const int E = (int)layers_[0].load.size(), cell = 28, left = 110, top = 62;
     const int D = has_domains_ ? (int)domains_.size() : 0;
-    const int W = left + E * cell + 160;
+    const int W = std::max(left + E * cell + 160, 640);
     int H = top + (int)layers_.size() * cell + 60 + (D > 0 ? (int)layers_.size() * (D * cell + 50) : 0);
     std::string s = fmt::format("<svg xmlns='http://www.w3.org/2000/svg' width='{}' height='{}' "
                                 "font-family='sans-serif' font-size='12'>\n<rect width='100%' height='100%' fill='white'/>\n", W, H);
-    s += fmt::format("<text x='10' y='20' font-size='15' font-weight='bold'>Expert load (share / fair share: "
-                     "blue below, white even, red 2x+)</text>\n");
+    s += "<text x='10' y='20' font-size='15' font-weight='bold'>Expert load per MoE layer (% of assignments)</text>\n"
+         "<text x='10' y='36' fill='#555'>colour: share / fair share, blue = under-used, white = even, red = 2x or more</text>\n";
     for (int e = 0; e < E; e++)
         s += fmt::format("<text x='{}' y='{}' text-anchor='middle'>e{}</text>\n", left + e * cell + cell / 2, top - 6, e);
     int y = top;

@@ -42,9 +42,11 @@ def lr_at(step, train):
 
 
 def make_optimizer(model, train):
-    """AdamW, weight decay on parameters with dim >= 2 only."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    """AdamW, weight decay on matrices only: parameters with dim >= 2 that are not biases
+    (stacked expert biases are (E, F) but are still biases)."""
+    named = list(model.named_parameters())
+    decay = [p for n, p in named if p.dim() >= 2 and not n.endswith(".bias")]
+    no_decay = [p for n, p in named if not (p.dim() >= 2 and not n.endswith(".bias"))]
     groups = [{"params": decay, "weight_decay": train["weight_decay"]},
               {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=train["lr"], betas=(train["beta1"], train["beta2"]),
