@@ -87,10 +87,16 @@ void register_eval_command(CLI::App& app) {
         fmt::print("data: {}, {} batches x {} x {} = {} tokens\n", glob, batches, B, T, tokens);
         fmt::print("val loss {:.4f} | perplexity {:.3f}\n", loss, std::exp(loss));
         if (cfg.model.moe.enabled) {
-            fmt::print("router: {} ({} experts, top-{}){}\n", cfg.router.type, cfg.model.moe.experts,
-                       cfg.model.moe.top_k,
-                       cfg.router.eval_capacity_factor > 0
-                           ? fmt::format(", eval capacity factor {}", cfg.router.eval_capacity_factor) : ", dropless");
+            const RouterConfig& rc = cfg.router;
+            std::string how = rc.type == "soft" ? fmt::format("{} slots each", rc.soft_slots)
+                            : rc.type == "expert_choice" ? fmt::format("capacity {}", rc.expert_choice_capacity)
+                            : rc.type == "hash" ? "top-1"
+                            : fmt::format("top-{}, {}", cfg.model.moe.top_k,
+                                          rc.eval_capacity_factor > 0
+                                              ? fmt::format("eval capacity factor {}", rc.eval_capacity_factor)
+                                              : "dropless");
+            fmt::print("router: {} ({} experts, {}){}\n", rc.type, cfg.model.moe.experts, how,
+                       rc.type == "soft" ? "; domain x expert counts each token's heaviest combine slot" : "");
             fmt::print("{}", report.to_text(cfg.router.type));
         }
         if (!a->svg.empty()) fmt::print("wrote {}\n", a->svg);

@@ -433,10 +433,11 @@ struct Loader {
             need(r.groups == 1 || r.topk_groups <= e.top_k, "router.topk_groups",
                  fmt::format("{} groups cannot each contribute to top_k = {} experts", r.topk_groups,
                              e.top_k), {"model.moe.top_k"});
-            need((r.capacity_factor == 0 && r.eval_capacity_factor == 0) ||
-                     !(r.type == "soft" || r.type == "expert_choice"), "router.capacity_factor",
-                 fmt::format("router.type = {} sets its own capacity; capacity_factor must be 0", r.type),
-                 {"router.type"});
+            for (auto [key, cf] : {std::pair{"router.capacity_factor", r.capacity_factor},
+                                   {"router.eval_capacity_factor", r.eval_capacity_factor}})
+                need(cf == 0 || !(r.type == "soft" || r.type == "expert_choice"), key,
+                     fmt::format("router.type = {} sets its own capacity; {} must be 0", r.type, key),
+                     {"router.type"});
             need(e.experts % cfg.dist.expert_parallel == 0, "dist.expert_parallel",
                  fmt::format("model.moe.experts = {} is not divisible by {}", e.experts,
                              cfg.dist.expert_parallel), {"model.moe.experts"});

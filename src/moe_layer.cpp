@@ -352,8 +352,16 @@ void MoeLayer::soft_forward(float* out, const float* x, int B, int T, float* w) 
     st.tokens = N;
     for (int n = 0; n < N; n++)
         st.top1_gate_sum += *std::max_element(&soft_Cw_[(size_t)n * S], &soft_Cw_[(size_t)n * S] + S);
+    // for reports, each token counts for the expert of its heaviest combine slot
     r_ = Routing{};
-    r_.N = N; r_.E = E_;
+    r_.N = N; r_.E = E_; r_.M = N;
+    r_.choice_token.resize(N);
+    r_.choice_expert.resize(N);
+    for (int n = 0; n < N; n++) {
+        const float* cw = &soft_Cw_[(size_t)n * S];
+        r_.choice_token[n] = n;
+        r_.choice_expert[n] = (int)(std::max_element(cw, cw + S) - cw) / p;
+    }
 }
 
 void MoeLayer::soft_backward(float* dx, const float* dout, float* w, float* g) {

@@ -18,6 +18,8 @@
 #include "test_util.h"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
+#include <omp.h>
 
 #include <algorithm>
 #include <cmath>
@@ -57,9 +59,20 @@ double cv2_ref(const std::vector<double>& v) {
     return var / (mean * mean);
 }
 
+// The layers here are tiny: on a loaded 2-core machine OpenMP barriers cost more than the work
+// (a 2-thread run can be 20x slower when another process holds a core). Each test runs on one
+// thread and puts the process-wide setting back afterwards (results are thread-count
+// independent; a test below checks that).
+struct OneThread {
+    int saved;
+    OneThread() : saved(omp_get_max_threads()) { omp_set_num_threads(1); }
+    ~OneThread() { omp_set_num_threads(saved); }
+};
+
 // One MoeLayer on its own: a flat parameter vector, an input x (N, C), the objective
 // f = sum(out * R) + aux + z + imp + load, so backward(dout = R) must give df/dparams and df/dx.
 struct Rig {
+    OneThread one_thread;
     Config cfg;
     std::unique_ptr<Backend> be;
     std::vector<ParamTensor> params;
@@ -74,7 +87,7 @@ struct Rig {
     std::vector<double> frozen_thr;       // (N, E) load-loss thresholds held fixed (see below)
 
     Rig(const Config& c, int B_, int T_, uint64_t seed = 1)
-        : cfg(c), be(make_cpu_backend(1)), B(B_), T(T_) {
+        : cfg(c), be(make_cpu_backend(0)), B(B_), T(T_) {
         N = B * T;
         C = cfg.model.d_model;
         E = cfg.model.moe.experts;
@@ -368,6 +381,7 @@ TEST_CASE("moe fd: balancing terms, each on its own") {
         {{"balance.importance_loss=1.0"}, "balance.importance_loss"},
         {{"router.noise=gaussian", "balance.load_loss=1.0"}, "balance.load_loss"},
         {{"router.score=sigmoid", "balance.aux_loss=1.0", "balance.importance_loss=1.0"}, "balance.aux_loss"},
+        {{"router.noise=gaussian", "balance.load_loss=4.0", "model.moe.top_k=3"}, "balance.load_loss"},
     };
     // The LM part is scaled down 100x, so that each term is a large part of the router
     // gradient; its float noise shrinks with it, so the absolute tolerance can shrink too
@@ -405,6 +419,7 @@ TEST_CASE("moe fd: global aux scope uses the step's counts") {
 // Through a whole GPT: the model's gradients of the MoE tensors and of ln_2 (the only way d/dx
 // of the MoE layer reaches a parameter) against central differences of LM loss + balancing.
 TEST_CASE("moe fd: through a GPT (LM loss + balancing terms, two MoE layers)") {
+    OneThread one_thread;
     Config cfg = parse_config(R"(
 model: {vocab_size: 32, seq_len: 8, n_layer: 2, n_head: 2, d_model: 8, d_ff: 16,
         moe: {experts: 4, top_k: 2, expert_ff: 6, shared_experts: 1, shared_ff: 4}}
@@ -412,7 +427,7 @@ router: {noise: gaussian, capacity_factor: 0.75}
 balance: {aux_loss: 0.2, z_loss: 0.05, importance_loss: 0.2}
 train: {batch_size: 2, threads: 1, seed: 3}
 )", "gpt fd");
-    auto be = make_cpu_backend(1);
+    auto be = make_cpu_backend(0);
     GPT model(cfg, *be);
     model.init_weights(11);
     // scale the MoE weights up (as in Rig) so their gradients stand well above float noise
@@ -674,8 +689,9 @@ TEST_CASE("moe expert choice: every expert takes exactly its capacity, top token
 }
 
 TEST_CASE("moe hash: table lookup, deterministic, seeded random table") {
+    OneThread one_thread;
     Config cfg = moe_cfg({"router.type=hash", "model.moe.top_k=1", "model.moe.experts=4"});
-    auto be = make_cpu_backend(1);
+    auto be = make_cpu_backend(0);
     GPT a(cfg, *be), b(cfg, *be), c(cfg, *be);
     a.init_weights(7); b.init_weights(7); c.init_weights(8);
     const std::vector<int32_t>& ta = a.moe_layers()[0]->hash_table();
@@ -704,6 +720,7 @@ TEST_CASE("moe hash: table lookup, deterministic, seeded random table") {
 }
 
 TEST_CASE("moe hash: balanced table (greedy by frequency) on hand-made and real counts") {
+    OneThread one_thread;
     // counts 5 3 3 1 0 over 2 experts: 0->e0 (5,0), 1->e1 (5,3), 2->e1 (5,6), 3->e0 (6,6), 4->e0 (tie)
     CHECK(balanced_hash_table({5, 3, 3, 1, 0}, 2) == std::vector<int32_t>{0, 1, 1, 0, 0});
     // ties in count go by id (ids 0 and 1 have count 2, id 0 first), ties in load to the lower expert
@@ -716,13 +733,13 @@ TEST_CASE("moe hash: balanced table (greedy by frequency) on hand-made and real 
 model: {{vocab_size: 256, seq_len: 16, n_layer: 1, n_head: 2, d_model: 8, d_ff: 16,
         moe: {{experts: 4, top_k: 1, expert_ff: 8}}}}
 router: {{type: hash, hash: balanced}}
-train: {{batch_size: 2, steps: 1, eval_every: 0, eval_batches: 1, ckpt_every: 0, out_dir: {}, threads: 2}}
+train: {{batch_size: 2, steps: 1, eval_every: 0, eval_batches: 1, ckpt_every: 0, out_dir: {}, threads: 1}}
 data: {{train: {}/train_*.bin, val: {}/val_*.bin}}
 )", dir / "run", dir / "data", dir / "data"), "hash balanced");
     TrainOptions opt;
     opt.quiet = true;
     run_training(cfg, opt);
-    auto be = make_cpu_backend(1);
+    auto be = make_cpu_backend(0);
     LoadedModel lm = load_model(checkpoint_path(dir / "run", 1), *be);
     const std::vector<int32_t> table = lm.model->moe_layers()[0]->hash_table();
     REQUIRE(table.size() == 256);
@@ -847,6 +864,7 @@ TEST_CASE("moe balancing terms: values on hand-built routings") {
 }
 
 TEST_CASE("moe bias: centring, sign(0) = 0, not a parameter, no gradient, untouched by AdamW") {
+    OneThread one_thread;
     Rig rig(moe_cfg({"balance.bias_rate=0.1"}), 2, 16);
     std::vector<float>& b = rig.layer->expert_bias();
     REQUIRE(b.size() == 4);
@@ -903,7 +921,7 @@ TEST_CASE("moe bias: centring, sign(0) = 0, not a parameter, no gradient, untouc
 
     // in a GPT: a buffer, not a parameter; AdamW leaves it alone
     Config cfg = moe_cfg({"balance.bias_rate=0.1"});
-    auto be = make_cpu_backend(1);
+    auto be = make_cpu_backend(0);
     GPT model(cfg, *be);
     model.init_weights(1);
     for (const ParamTensor& p : model.params()) CHECK(p.name.find("expert_bias") == std::string::npos);
@@ -925,6 +943,7 @@ TEST_CASE("moe bias: centring, sign(0) = 0, not a parameter, no gradient, untouc
 }
 
 TEST_CASE("moe bias: the aux-loss-free controller alone pulls MaxVio down") {
+    OneThread one_thread;
     TempDir dir;
     write_tiny_corpus(dir.path, 64, 20000, 4000);
     // Router weights 10x the init (std 0.2: token logits differ by O(1), so the bias can move
@@ -936,10 +955,10 @@ TEST_CASE("moe bias: the aux-loss-free controller alone pulls MaxVio down") {
 model: {{vocab_size: 64, seq_len: 32, n_layer: 1, n_head: 2, d_model: 16, d_ff: 32,
         moe: {{experts: 4, top_k: 1, expert_ff: 16}}}}
 balance: {{bias_rate: {}}}
-train: {{batch_size: 4, steps: 30, lr: 1.0e-3, min_lr: 1.0e-3, warmup: 0, threads: 2}}
+train: {{batch_size: 4, steps: 30, lr: 1.0e-3, min_lr: 1.0e-3, warmup: 0, threads: 1}}
 data: {{train: {}/train_*.bin, val: {}/val_*.bin}}
 )", rate, dir.path, dir.path), "bias run");
-        auto be = make_cpu_backend(2);
+        auto be = make_cpu_backend(0);
         GPT model(cfg, *be);
         model.init_weights(1);
         // Skew: ln_2 output = xhat + 1 (bias 1), and expert 0's router row gets +SKEW/C in every
@@ -1073,6 +1092,8 @@ TEST_CASE("moe plan invariants: every router type through the layer, several bat
         {"router.type=hash", "model.moe.top_k=1", "router.capacity_factor=1.0"},
         {"balance.bias_rate=0.1", "model.moe.top_k=1", "router.capacity_factor=1.0", "router.drop_policy=position"},
         {"model.moe.top_k=4", "router.capacity_factor=0.4"},
+        {"model.moe.experts=1", "model.moe.top_k=1", "router.capacity_factor=0.5", "balance.aux_loss=0.1"},
+        {"router.type=soft"},
     };
     for (const auto& sets : types) {
         Config cfg = moe_cfg(sets);
@@ -1096,6 +1117,11 @@ TEST_CASE("moe plan invariants: every router type through the layer, several bat
                 const Routing& r = rig.routing();
                 const MoeStats& st = rig.stats();
                 REQUIRE(r.N == rig.N);
+                if (cfg.router.type == "soft") {   // no plan: every expert gets B * slots rows
+                    CHECK(st.routed == std::vector<double>(E, (double)B * cfg.router.soft_slots));
+                    CHECK(st.dropped == 0);
+                    continue;
+                }
                 check_plan(r);
                 CHECK(st.dropped + r.plan.kept() == r.M);
                 CHECK(st.assignments == r.M);
@@ -1143,4 +1169,292 @@ TEST_CASE("moe plan: soft moe has a full, even load and no drops") {
     CHECK(st.dropped == 0);
     CHECK(st.aux == 0);
     CHECK(st.tokens == 32);
+}
+
+// =========================================================================================
+// forward values against the contract, computed again here in double
+
+namespace {
+
+// Top-k of v (ties: lower index), as a sorted set.
+std::set<int> topk_set(const std::vector<double>& v, int k) {
+    std::vector<int> idx(v.size());
+    std::iota(idx.begin(), idx.end(), 0);
+    std::stable_sort(idx.begin(), idx.end(), [&](int a, int b) { return v[a] > v[b]; });
+    return std::set<int>(idx.begin(), idx.begin() + k);
+}
+
+// docs/moe.md step 7, in double.
+std::vector<double> sinkhorn_ref(const std::vector<float>& z, int N, int E) {
+    std::vector<double> P((size_t)N * E);
+    for (int n = 0; n < N; n++) {
+        double mx = *std::max_element(&z[(size_t)n * E], &z[(size_t)n * E] + E);
+        for (int e = 0; e < E; e++) P[(size_t)n * E + e] = std::exp(z[(size_t)n * E + e] - mx);
+    }
+    for (int it = 0; it < 100; it++) {
+        std::vector<double> col(E, 0.0);
+        for (int n = 0; n < N; n++) for (int e = 0; e < E; e++) col[e] += P[(size_t)n * E + e];
+        double dev = 0.0;
+        for (int e = 0; e < E; e++) dev += std::fabs(col[e] * E / N - 1.0) / E;
+        if (dev < 1e-4) break;
+        for (int n = 0; n < N; n++) for (int e = 0; e < E; e++) P[(size_t)n * E + e] *= ((double)N / E) / col[e];
+        for (int n = 0; n < N; n++) {
+            double row = 0.0;
+            for (int e = 0; e < E; e++) row += P[(size_t)n * E + e];
+            for (int e = 0; e < E; e++) P[(size_t)n * E + e] /= row;
+        }
+    }
+    return P;
+}
+
+}  // namespace
+
+TEST_CASE("moe router forward: logits, noise, scores, selection, gates and stats follow the contract") {
+    const std::vector<std::vector<std::string>> configs = {
+        {},
+        {"router.score=sigmoid", "router.normalize_topk=false", "router.scale=2"},
+        {"router.score=sigmoid", "router.scale=0.5"},
+        {"router.noise=gaussian"},
+        {"router.noise=jitter", "router.jitter_eps=0.3"},
+        {"balance.bias_rate=0.1"},
+        {"router.type=sinkhorn"},
+        {"model.moe.top_k=1", "model.moe.experts=6"},
+    };
+    for (const auto& sets : configs) {
+        Config cfg = moe_cfg(sets);
+        Rig rig(cfg, 2, 16);
+        if (rig.layer->has_bias()) { Rng br(8); for (float& b : rig.layer->expert_bias()) b = 0.3f * br.normal(); }
+        const int N = rig.N, C = rig.C, E = rig.E, k = rig.k;
+        const RouterConfig& rc = cfg.router;
+        for (bool training : {true, false}) {
+            rig.training = training;
+            rig.forward();
+            INFO(fmt::format("{}", fmt::join(sets, " ")) << (training ? " training" : " eval"));
+            const Routing& r = rig.routing();
+            const bool jitter = training && rc.noise == "jitter", noisy = training && rc.noise == "gaussian";
+            CHECK(rig.layer->last_jitter().size() == (jitter ? (size_t)N * C : 0));
+            CHECK(r.eps.size() == (noisy ? (size_t)N * E : 0));
+            for (float m : rig.layer->last_jitter()) CHECK((m >= 1 - rc.jitter_eps && m <= 1 + rc.jitter_eps));
+            const float* W = &rig.w[rig.param("router.weight").offset];
+            double top1_sum = 0.0, zsq = 0.0;
+            std::vector<double> zrow(E), srow(E);
+            std::vector<std::vector<double>> s_all(N, std::vector<double>(E));
+            for (int n = 0; n < N; n++) {
+                for (int e = 0; e < E; e++) {
+                    double zc = 0.0, pre = 0.0;
+                    for (int c = 0; c < C; c++) {
+                        double xv = rig.x[(size_t)n * C + c] * (jitter ? rig.layer->last_jitter()[(size_t)n * C + c] : 1.0f);
+                        zc += xv * W[(size_t)e * C + c];
+                        if (noisy) pre += xv * rig.w[rig.param("noise_weight").offset + (size_t)e * C + c];
+                    }
+                    CHECK(r.z_clean[(size_t)n * E + e] == doctest::Approx(zc).epsilon(1e-5));
+                    zrow[e] = noisy ? zc + r.eps[(size_t)n * E + e] * std::log1p(std::exp(pre)) : zc;
+                    CHECK(r.z[(size_t)n * E + e] == doctest::Approx(zrow[e]).epsilon(1e-5));
+                }
+                double mx = *std::max_element(zrow.begin(), zrow.end()), sum = 0.0;
+                for (int e = 0; e < E; e++) sum += std::exp(zrow[e] - mx);
+                zsq += std::pow(mx + std::log(sum), 2);
+                for (int e = 0; e < E; e++) {
+                    srow[e] = rc.score == "sigmoid" ? 1.0 / (1.0 + std::exp(-zrow[e])) : std::exp(zrow[e] - mx) / sum;
+                    CHECK(r.s[(size_t)n * E + e] == doctest::Approx(srow[e]).epsilon(1e-5));
+                }
+                s_all[n] = srow;
+                std::vector<double> sel(E);
+                for (int e = 0; e < E; e++) sel[e] = r.s[(size_t)n * E + e] + (rig.layer->has_bias() ? rig.layer->expert_bias()[e] : 0.0f);
+                std::set<int> got;
+                double S = 0.0;
+                for (int j = 0; j < k; j++) { got.insert(r.choice_expert[n * k + j]); S += srow[r.choice_expert[n * k + j]]; }
+                if (rc.type == "topk" || !training) CHECK(got == topk_set(sel, k));
+                double top1 = 0.0;
+                for (int j = 0; j < k; j++) {
+                    const int e = r.choice_expert[n * k + j];
+                    const double want = rc.scale * (rc.normalize_topk ? srow[e] / S : srow[e]);
+                    CHECK(r.choice_gate[n * k + j] == doctest::Approx(want).epsilon(1e-5));
+                    top1 = std::max(top1, want);
+                }
+                top1_sum += top1;
+            }
+            if (rc.type == "sinkhorn" && training) {
+                std::vector<double> P = sinkhorn_ref(r.z, N, E);
+                std::vector<float> got = sinkhorn_balance(r.z, N, E);
+                for (size_t i = 0; i < P.size(); i++) CHECK(got[i] == doctest::Approx(P[i]).epsilon(1e-5));
+                std::vector<double> col(E, 0.0);
+                for (int n = 0; n < N; n++) {
+                    std::vector<double> row(P.begin() + (size_t)n * E, P.begin() + (size_t)(n + 1) * E);
+                    for (int e = 0; e < E; e++) col[e] += row[e];
+                    std::set<int> chosen(r.choice_expert.begin() + n * k, r.choice_expert.begin() + (n + 1) * k);
+                    CHECK(chosen == topk_set(row, k));
+                }
+                for (int e = 0; e < E; e++) CHECK(col[e] == doctest::Approx((double)N / E).epsilon(1e-3));
+            }
+            const MoeStats& st = rig.stats();
+            CHECK(st.tokens == N);
+            CHECK(st.top1_gate_sum == doctest::Approx(top1_sum).epsilon(1e-5));
+            CHECK(st.z_mean_sum == doctest::Approx(zsq).epsilon(1e-5));
+            check_output_matches_kept(rig);
+        }
+    }
+}
+
+TEST_CASE("moe forward: soft moe and shared experts match the contract") {
+    {
+        Rig rig(moe_cfg({"router.type=soft", "router.soft_slots=2"}), 2, 8);
+        rig.forward();
+        const int B = rig.B, T = rig.T, C = rig.C, E = rig.E, p = 2, S = E * p;
+        const float* Phi = &rig.w[rig.param("router.slots").offset];   // (C, S)
+        double worst = 0.0;
+        for (int b = 0; b < B; b++) {
+            std::vector<double> L((size_t)T * S, 0.0);
+            for (int t = 0; t < T; t++)
+                for (int sl = 0; sl < S; sl++)
+                    for (int c = 0; c < C; c++) L[(size_t)t * S + sl] += (double)rig.x[(size_t)(b * T + t) * C + c] * Phi[(size_t)c * S + sl];
+            std::vector<std::vector<double>> Ys(S);
+            for (int sl = 0; sl < S; sl++) {
+                double mx = -1e300, sum = 0.0;
+                for (int t = 0; t < T; t++) mx = std::max(mx, L[(size_t)t * S + sl]);
+                for (int t = 0; t < T; t++) sum += std::exp(L[(size_t)t * S + sl] - mx);
+                std::vector<float> xs(C, 0.0f);
+                std::vector<double> xsd(C, 0.0);
+                for (int t = 0; t < T; t++)
+                    for (int c = 0; c < C; c++) xsd[c] += std::exp(L[(size_t)t * S + sl] - mx) / sum * rig.x[(size_t)(b * T + t) * C + c];
+                for (int c = 0; c < C; c++) xs[c] = (float)xsd[c];
+                Ys[sl] = ffn_ref(rig, sl / p, xs.data());
+            }
+            for (int t = 0; t < T; t++) {
+                double mx = *std::max_element(&L[(size_t)t * S], &L[(size_t)t * S] + S), sum = 0.0;
+                for (int sl = 0; sl < S; sl++) sum += std::exp(L[(size_t)t * S + sl] - mx);
+                for (int c = 0; c < C; c++) {
+                    double y = 0.0;
+                    for (int sl = 0; sl < S; sl++) y += std::exp(L[(size_t)t * S + sl] - mx) / sum * Ys[sl][c];
+                    worst = std::max(worst, std::fabs(y - rig.out[(size_t)(b * T + t) * C + c]));
+                }
+            }
+        }
+        CHECK(worst < 1e-4);
+    }
+    for (const char* act : {"gelu", "swiglu"}) {
+        // shared experts: out = routed part + sum_j Shared_j(x); checked as the difference to a
+        // layer with the same routed weights and no shared experts
+        Config with = moe_cfg({"model.moe.shared_experts=2", "model.moe.shared_ff=5", std::string("model.moe.activation=") + act});
+        Config without = moe_cfg({std::string("model.moe.activation=") + act});
+        Rig a(with, 2, 8), b(without, 2, 8);
+        for (const ParamTensor& p : b.params) {
+            const ParamTensor& q = a.param(p.name);
+            std::copy(&a.w[q.offset], &a.w[q.offset] + q.numel, &b.w[p.offset]);
+        }
+        b.x = a.x;
+        a.forward();
+        b.forward();
+        const int C = a.C, F = 5, Fh = std::string(act) == "swiglu" ? 10 : 5;
+        double worst = 0.0;
+        for (int n = 0; n < a.N; n++) {
+            std::vector<double> sh(C, 0.0);
+            for (int j = 0; j < 2; j++) {
+                const float* W1 = &a.w[a.param("shared.c_fc.weight").offset] + (size_t)j * Fh * C;
+                const float* b1 = &a.w[a.param("shared.c_fc.bias").offset] + (size_t)j * Fh;
+                const float* W2 = &a.w[a.param("shared.c_proj.weight").offset] + (size_t)j * C * F;
+                const float* b2 = &a.w[a.param("shared.c_proj.bias").offset] + (size_t)j * C;
+                std::vector<double> h(Fh), av(F);
+                for (int f = 0; f < Fh; f++) {
+                    h[f] = b1[f];
+                    for (int c = 0; c < C; c++) h[f] += (double)W1[(size_t)f * C + c] * a.x[(size_t)n * C + c];
+                }
+                for (int f = 0; f < F; f++) av[f] = Fh == 2 * F ? silu_ref(h[f]) * h[F + f] : gelu_ref(h[f]);
+                for (int c = 0; c < C; c++) {
+                    double y = b2[c];
+                    for (int f = 0; f < F; f++) y += (double)W2[(size_t)c * F + f] * av[f];
+                    sh[c] += y;
+                }
+            }
+            for (int c = 0; c < C; c++)
+                worst = std::max(worst, std::fabs(a.out[(size_t)n * C + c] - b.out[(size_t)n * C + c] - sh[c]));
+        }
+        INFO(act);
+        CHECK(worst < 1e-4);
+        check_output_matches_kept(b);
+    }
+}
+
+TEST_CASE("moe step counts: training forwards accumulate, eval and counting passes do not") {
+    Rig rig(moe_cfg({"balance.bias_rate=0.01"}), 2, 16);
+    rig.layer->begin_step();
+    CHECK(rig.layer->step_routed() == std::vector<double>(4, 0.0));
+    rig.forward();
+    std::vector<double> one = rig.routing().routed;
+    rig.forward();
+    std::vector<double> two = one;
+    for (double& v : two) v *= 2;
+    CHECK(rig.layer->step_routed() == two);
+    rig.training = false;
+    rig.forward();
+    rig.training = true;
+    rig.layer->set_counting(true);
+    rig.forward();
+    rig.layer->set_counting(false);
+    CHECK(rig.layer->step_routed() == two);
+    rig.layer->begin_step();
+    CHECK(rig.layer->step_routed() == std::vector<double>(4, 0.0));
+}
+
+TEST_CASE("moe fd: load loss with k = E (every expert always in the top k) is 0 with finite gradients") {
+    Rig rig(moe_cfg({"router.noise=gaussian", "balance.load_loss=1.0", "model.moe.top_k=4"}), 2, 16);
+    std::vector<float> g, dx;
+    rig.gradients(g, dx);
+    CHECK(rig.stats().load == 0.0);
+    CHECK(std::all_of(g.begin(), g.end(), [](float v) { return std::isfinite(v); }));
+    CHECK(std::all_of(dx.begin(), dx.end(), [](float v) { return std::isfinite(v); }));
+    require_fd_ok(rig, "load loss k = E");
+}
+
+namespace {
+double max_abs(const std::vector<float>& a) {
+    double m = 0.0;
+    for (float v : a) m = std::max(m, (double)std::fabs(v));
+    return m;
+}
+double max_diff(const std::vector<float>& a, const std::vector<float>& b, double scale_b) {   // max |a - scale_b * b|
+    double m = 0.0;
+    for (size_t i = 0; i < a.size(); i++) m = std::max(m, std::fabs(a[i] - scale_b * b[i]));
+    return m;
+}
+}  // namespace
+
+TEST_CASE("moe backward: accumulates, scales with dloss_scale, and does not depend on the thread count") {
+    const std::vector<std::vector<std::string>> configs = {
+        {"balance.aux_loss=0.5", "balance.z_loss=0.1", "router.noise=gaussian", "balance.load_loss=0.5",
+         "balance.importance_loss=0.5", "model.moe.shared_experts=1", "router.capacity_factor=0.6"},
+        {"router.type=soft", "router.soft_slots=2", "model.moe.shared_experts=1"},
+        {"router.type=expert_choice", "router.noise=none", "balance.z_loss=0.1"},
+        {"router.type=hash", "model.moe.top_k=1", "model.moe.activation=swiglu"},
+        {"router.type=sinkhorn", "router.noise=jitter", "balance.aux_loss=0.5", "balance.aux_scope=sequence"},
+    };
+    for (const auto& sets : configs) {
+        INFO(fmt::format("{}", fmt::join(sets, " ")));
+        Rig rig(moe_cfg(sets), 4, 16);
+        std::vector<float> g1, dx1;
+        rig.gradients(g1, dx1);
+        // a second backward of the same forward adds the same again
+        std::vector<float> g2 = g1, dx2 = dx1;
+        rig.layer->backward(dx2.data(), rig.R.data(), rig.w.data(), g2.data(), 1.0f);
+        CHECK(max_diff(g2, g1, 2.0) <= 1e-5 * max_abs(g1));
+        CHECK(max_diff(dx2, dx1, 2.0) <= 1e-5 * max_abs(dx1));
+        // d(0.25 * objective): dout scaled by the caller, the balancing terms by dloss_scale
+        std::vector<float> Rq = rig.R, gq(g1.size(), 0.0f), dxq(dx1.size(), 0.0f);
+        for (float& v : Rq) v *= 0.25f;
+        rig.layer->backward(dxq.data(), Rq.data(), rig.w.data(), gq.data(), 0.25f);
+        CHECK(max_diff(gq, g1, 0.25) <= 1e-5 * max_abs(g1));
+        CHECK(max_diff(dxq, dx1, 0.25) <= 1e-5 * max_abs(dx1));
+        // bitwise the same on 1 and 2 threads
+        std::vector<std::vector<float>> outs, gs, dxs;
+        for (int th : {1, 2}) {
+            omp_set_num_threads(th);
+            std::vector<float> g, dx;
+            rig.gradients(g, dx);
+            outs.push_back(rig.out); gs.push_back(g); dxs.push_back(dx);
+        }
+        omp_set_num_threads(1);
+        CHECK(outs[0] == outs[1]);
+        CHECK(gs[0] == gs[1]);
+        CHECK(dxs[0] == dxs[1]);
+    }
 }
