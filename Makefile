@@ -3,7 +3,10 @@
 # to a trained model. See README.md.
 
 CXX      ?= g++
-OPT      ?= -O3 -march=native
+# AVX2 + FMA, tuned for this CPU. Not -march=native: on AVX-512 machines Debian's GCC 12.2
+# miscompiles a std::vector<double>{20, 20, 0, 0} into {20, 20, 20, 20} (a 256-bit broadcast
+# store with the zero lanes never written; tests/test_eval.cpp "load stats" caught it).
+OPT      ?= -O3 -march=x86-64-v3 -mtune=native
 CXXFLAGS += -std=c++17 $(OPT) -g -fopenmp -Wall -Wextra -Wno-unused-parameter -MMD -MP -Isrc
 LDLIBS   += -lyaml-cpp -lfmt -fopenmp
 BUILD    ?= build

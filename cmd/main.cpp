@@ -13,6 +13,7 @@ int main(int argc, char** argv) {
     app.set_version_flag("--version", moe::build_info());
     moe::register_train_command(app);
     moe::register_eval_command(app);
+    moe::register_upcycle_command(app);
     moe::register_data_commands(app);
     try {
         app.parse(argc, argv);

@@ -76,6 +76,7 @@ struct TrainConfig {
     std::string device = "auto";        // auto | cpu | cuda
     std::string dtype = "fp32";         // fp32 | bf16
     int threads = 0;                    // 0 = all cores
+    std::string init_from;              // "" | a model checkpoint whose weights start the run (step 0)
 };
 
 struct DataConfig {

@@ -119,7 +119,11 @@ void micro_kernel(int kc, const float* __restrict a, size_t lda, const float* __
 
 // A(m, k) for m < mc, k < kc (zero for m >= mc) as MR-row micro-panels ap[tile][k][i].
 void pack_a(float* ap, const float* a0, size_t sam, size_t sak, int mc, int kc) {
-    for (int t = 0; t * MR < mc; t++) {
+    const int full = sam == 1 ? mc / MR : 0;  // columns of A: copy MR contiguous floats
+    for (int k = 0; k < kc; k++)
+        for (int t = 0; t < full; t++)
+            for (int i = 0; i < MR; i++) ap[((size_t)t * kc + k) * MR + i] = a0[(size_t)k * sak + t * MR + i];
+    for (int t = full; t * MR < mc; t++) {
         float* dst = ap + (size_t)t * kc * MR;
         const int rows = std::min(MR, mc - t * MR);
         for (int k = 0; k < kc; k++)
@@ -144,15 +148,28 @@ void gemm(float* c, size_t ldc,                          // (M, Nc), row stride 
     static thread_local std::vector<float> bpack;
     bpack.resize((size_t)np * K * NR);
     float* bp = bpack.data();
+    if (sbn == 1) {
+        // rows of B contiguous (W in dinp, inp in dweight): walk them in memory order, each
+        // row cut into NR-wide pieces, one per panel
 #pragma omp parallel for schedule(static)
-    for (int p = 0; p < np; p++) {
-        float* dst = bp + (size_t)p * K * NR;
-        const int w = std::min(NR, Nc - p * NR);
-        const float* src = B + (size_t)p * NR * sbn;
-        if (sbn == 1) {  // rows of B contiguous: copy NR-wide row pieces
-            for (int k = 0; k < K; k++)
-                for (int j = 0; j < NR; j++) dst[(size_t)k * NR + j] = j < w ? src[(size_t)k * sbk + j] : 0.0f;
-        } else {  // columns of B contiguous (B = W^T): read down each column
+        for (int k = 0; k < K; k++) {
+            const float* src = B + (size_t)k * sbk;
+            for (int p = 0; p < np; p++) {
+                float* dst = bp + ((size_t)p * K + k) * NR;
+                const int w = std::min(NR, Nc - p * NR);
+                if (w == NR)
+                    for (int j = 0; j < NR; j++) dst[j] = src[p * NR + j];
+                else
+                    for (int j = 0; j < NR; j++) dst[j] = j < w ? src[p * NR + j] : 0.0f;
+            }
+        }
+    } else {
+        // columns of B contiguous (B = W^T in the forward): read down each column
+#pragma omp parallel for schedule(static)
+        for (int p = 0; p < np; p++) {
+            float* dst = bp + (size_t)p * K * NR;
+            const int w = std::min(NR, Nc - p * NR);
+            const float* src = B + (size_t)p * NR * sbn;
             for (int j = 0; j < NR; j++)
                 for (int k = 0; k < K; k++)
                     dst[(size_t)k * NR + j] = j < w ? src[(size_t)k * sbk + (size_t)j * sbn] : 0.0f;
@@ -173,10 +190,15 @@ void gemm(float* c, size_t ldc,                          // (M, Nc), row stride 
         const int want_nb = std::max(1, want / ((M + mc_max - 1) / mc_max));
         ppt = std::clamp((np + want_nb - 1) / want_nb, 1, kPanelsPerTask);
     }
-    const int nb = (np + ppt - 1) / ppt, mb = (M + mc_max - 1) / mc_max;
-    // full MR-row tiles read A in place when either of its directions is contiguous
-    const bool in_place = sak == 1 || sam == 1;
-#pragma omp parallel for collapse(2) schedule(static)
+    const int mb = (M + mc_max - 1) / mc_max, nb = (np + ppt - 1) / ppt;
+    mc_max = MR * ((mtiles + mb - 1) / mb);  // same number of blocks, evened out
+    // full MR-row tiles read A in place when its rows are contiguous. Columns of A (dout^T in
+    // dweight) are OC floats apart, so a kernel call would touch kc pages: they are packed
+    // instead, unless several panel groups would each pack the same rows again.
+    const bool in_place = sak == 1 || (sam == 1 && nb > 1);
+    // dynamic: tasks differ in size at the edges, and which thread runs a task does not
+    // change its result
+#pragma omp parallel for collapse(2) schedule(dynamic)
     for (int ib = 0; ib < mb; ib++) {
         for (int jb = 0; jb < nb; jb++) {
             static thread_local std::vector<float> apack;

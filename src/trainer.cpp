@@ -130,6 +130,21 @@ TrainSummary run_training(const Config& cfg, const TrainOptions& opt) {
     model.init_weights((uint64_t)tc.seed);
     AdamW adamw(model, tc);
 
+    // train.init_from: a fresh run (step 0, zero AdamW moments) that starts from another
+    // checkpoint's weights, e.g. an upcycled model, which has no training state to --resume.
+    // Before the balanced hash tables: those are rebuilt from this run's training shards.
+    if (!tc.init_from.empty() && opt.resume.empty()) {
+        int from_step;
+        try {
+            from_step = load_weights_into(tc.init_from, model);
+        } catch (const Error& e) {
+            fail("train.init_from: {}", e.what());
+        }
+        if (!opt.quiet)
+            fmt::print("init: weights from {} (its step {}); starting at step 0 with fresh optimizer state\n",
+                       tc.init_from, from_step);
+    }
+
     if (cfg.model.moe.enabled && cfg.router.type == "hash" && cfg.router.hash == "balanced")
         build_balanced_hash_tables(model, train);
 
@@ -137,6 +152,9 @@ TrainSummary run_training(const Config& cfg, const TrainOptions& opt) {
     int start = 0;
     if (!opt.resume.empty()) {
         std::string path = resolve_checkpoint(opt.resume == "latest" ? tc.out_dir : opt.resume, true);
+        if (!file_exists(state_path_for(path)))   // e.g. `moe upcycle` output: weights only
+            fail("{} has no training state beside it, so it cannot be resumed; start a new run from its weights "
+                 "with --set train.init_from={} ({})", path, path, state_path_for(path));
         int ckpt_step = load_weights_into(path, model);
         TrainState st = load_train_state(state_path_for(path), model);
         if (st.step != ckpt_step) fail("training state is for step {}, model for step {} ({})", st.step, ckpt_step, path);
