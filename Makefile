@@ -40,7 +40,7 @@ SRC_OBJ  := $(SRC:%.cpp=$(BUILD)/%.o) $(CUDA_SRC:%.cu=$(BUILD)/%.o)
 CMD_OBJ  := $(CMD:%.cpp=$(BUILD)/%.o)
 TEST_OBJ := $(TESTS:%.cpp=$(BUILD)/%.o)
 
-.PHONY: all test test-gpu quickstart deps bench bench-gpu clean
+.PHONY: all test test-gpu quickstart deps bench bench-gpu clean study
 all: $(BUILD)/moe
 
 $(BUILD)/%.o: %.cpp
@@ -72,6 +72,14 @@ quickstart: deps
 
 deps:
 	@bash scripts/install_deps.sh
+
+# Our trainer vs the PyTorch reference model on the same configs, in one run (CPU).
+bench: all
+	bash scripts/bench.sh
+
+# Trains the same model once per balancing variant and writes docs/study.md + docs/study/*.svg.
+study: all
+	bash configs/study/run.sh
 
 clean:
 	rm -rf build build-san

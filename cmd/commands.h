@@ -8,4 +8,5 @@ void register_train_command(CLI::App& app);
 void register_eval_command(CLI::App& app);
 void register_data_commands(CLI::App& app);
 void register_upcycle_command(CLI::App& app);
+void register_bench_command(CLI::App& app);
 }  // namespace moe

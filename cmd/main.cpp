@@ -15,6 +15,7 @@ int main(int argc, char** argv) {
     moe::register_eval_command(app);
     moe::register_upcycle_command(app);
     moe::register_data_commands(app);
+    moe::register_bench_command(app);
     try {
         app.parse(argc, argv);
     } catch (const CLI::CallForHelp& e) {

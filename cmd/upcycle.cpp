@@ -127,8 +127,10 @@ void register_upcycle_command(CLI::App& app) {
         UpcycleResult r = upcycle(dense, cfg, o, *be, a->config);
         report(dense, cfg, o, r, a->config);
         save_model(a->out, *r.model, cfg, 0);
-        fmt::print("wrote {} (step 0); evaluate it with `moe eval --ckpt {}`, train it with `moe train {} --set "
-                   "train.init_from={}`\n", a->out, a->out, a->config, a->out);
+        std::string sets;
+        for (const std::string& s : a->sets) sets += " --set " + s;
+        fmt::print("wrote {} (step 0); evaluate it with `moe eval --ckpt {}`, train it with `moe train {}{} --set "
+                   "train.init_from={}`\n", a->out, a->out, a->config, sets, a->out);
     });
 }
 
