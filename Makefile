@@ -12,9 +12,11 @@ LDLIBS   += -lyaml-cpp -lfmt -fopenmp
 BUILD    ?= build
 PYTHON   ?= /usr/bin/python3
 
-# CUDA: compiled into the same binary whenever nvcc is found (NO_CUDA=1 turns it off).
+# CUDA: compiled into the same binary whenever nvcc is found (NO_CUDA=1 turns it off; so does
+# SANITIZE=1: nvcc code is not instrumented, and the CUDA runtime under ASan needs its own
+# settings (protect_shadow_gap=0) for nothing the CPU tests use).
 NVCC ?= $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
-ifeq ($(NO_CUDA),1)
+ifneq ($(filter 1,$(NO_CUDA) $(SANITIZE)),)
   NVCC :=
 endif
 CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
@@ -27,11 +29,34 @@ ifneq ($(NVCC),)
   CUDA_SRC := $(wildcard cuda/*.cu)
 endif
 
+# OpenMPI: distributed training (`mpirun -np N build/moe train ...`) whenever mpicxx is found
+# (NO_MPI=1 turns it off); the same binary runs as one process without mpirun.
+MPICXX ?= $(shell command -v mpicxx 2>/dev/null)
+ifeq ($(NO_MPI),1)
+  MPICXX :=
+endif
+ifneq ($(MPICXX),)
+  CXXFLAGS += -DMOE_MPI $(shell $(MPICXX) --showme:compile)
+  LDLIBS   += $(shell $(MPICXX) --showme:link)
+endif
+
+# Sanitizers: `make test SANITIZE=1` builds everything with ASan + UBSan into build-san/ and
+# runs the suite there (docs/hardening.md). UBSan aborts on its first report instead of printing
+# and going on, and a sanitizer report in the moe binary exits 86, so no test mistakes it for a
+# user error (exit 1). The defaults below apply unless ASAN_OPTIONS/UBSAN_OPTIONS are set.
 ifeq ($(SANITIZE),1)
-  CXXFLAGS += -fsanitize=address,undefined -fno-omit-frame-pointer
+  OPT      := -O1 -march=x86-64-v3
+  CXXFLAGS += -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
   LDLIBS   += -fsanitize=address,undefined
   BUILD    := build-san
+  ASAN_OPTIONS  ?= detect_leaks=1:exitcode=86:strict_string_checks=1:detect_stack_use_after_return=1:check_initialization_order=1
+  UBSAN_OPTIONS ?= print_stacktrace=1:halt_on_error=1:exitcode=86
+  LSAN_OPTIONS  ?= exitcode=86
+  export ASAN_OPTIONS UBSAN_OPTIONS LSAN_OPTIONS
 endif
+# Extra arguments for the doctest runner, e.g. TEST_ARGS='-tce=*oracle*' (skip test cases whose
+# name matches) or TEST_ARGS='-tc=cli:*' (only those).
+TEST_ARGS ?=
 
 SRC      := $(wildcard src/*.cpp)
 CMD      := $(wildcard cmd/*.cpp)
@@ -40,7 +65,7 @@ SRC_OBJ  := $(SRC:%.cpp=$(BUILD)/%.o) $(CUDA_SRC:%.cu=$(BUILD)/%.o)
 CMD_OBJ  := $(CMD:%.cpp=$(BUILD)/%.o)
 TEST_OBJ := $(TESTS:%.cpp=$(BUILD)/%.o)
 
-.PHONY: all test test-gpu quickstart deps bench bench-gpu clean study
+.PHONY: all test test-gpu quickstart deps bench bench-gpu clean study fuzz fuzz-build
 all: $(BUILD)/moe
 
 $(BUILD)/%.o: %.cpp
@@ -60,7 +85,7 @@ $(BUILD)/test_moe: $(SRC_OBJ) $(TEST_OBJ)
 # Every CPU test: unit, finite differences, PyTorch oracle, CLI behaviour. The last line is
 # the runner's summary ("test: N passed, N failed").
 test: $(BUILD)/moe $(BUILD)/test_moe
-	@MOE_BIN=$(BUILD)/moe PYTHON=$(PYTHON) bash tests/run.sh $(BUILD)/test_moe
+	@MOE_BIN=$(BUILD)/moe PYTHON=$(PYTHON) bash tests/run.sh $(BUILD)/test_moe $(TEST_ARGS)
 
 # Installs what is missing (Debian packages), builds, makes the synthetic corpus, trains the
 # quickstart model and evaluates it.
@@ -81,7 +106,34 @@ bench: all
 study: all
 	bash configs/study/run.sh
 
-clean:
-	rm -rf build build-san
+# Fuzzing with libFuzzer (clang): tests/fuzz/fuzz_<target>.cpp, each linked against the parser
+# it targets (built with -fsanitize=fuzzer-no-link,address,undefined into build-fuzz/), runs for
+# FUZZ_SECONDS from its seeds in tests/fuzz/corpus/<target>/. A crash, leak, uncaught exception
+# other than moe::Error, or allocation over 1 GB fails the target; tests/fuzz/run.sh says where
+# the input went. `make fuzz FUZZ_TARGETS=config FUZZ_SECONDS=600` runs one target longer.
+FUZZ_CXX     ?= clang++
+FUZZ_BUILD   ?= build-fuzz
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS ?= safetensors shard config set llmc
+FUZZ_FLAGS   := -std=c++17 -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined \
+                -fno-sanitize-recover=undefined -Isrc -Itests/fuzz -MMD -MP
+FUZZ_LIB_OBJ := $(patsubst %.cpp,$(FUZZ_BUILD)/%.o,src/checkpoint.cpp src/data.cpp src/config.cpp \
+                src/fileio.cpp src/llmc_import.cpp)
 
--include $(SRC_OBJ:.o=.d) $(CMD_OBJ:.o=.d) $(TEST_OBJ:.o=.d)
+$(FUZZ_BUILD)/src/%.o: src/%.cpp
+	@mkdir -p $(dir $@)
+	$(FUZZ_CXX) $(FUZZ_FLAGS) -fsanitize=fuzzer-no-link -c $< -o $@
+
+$(FUZZ_BUILD)/fuzz_%: tests/fuzz/fuzz_%.cpp $(FUZZ_LIB_OBJ)
+	@mkdir -p $(dir $@)
+	$(FUZZ_CXX) $(FUZZ_FLAGS) -fsanitize=fuzzer $< $(FUZZ_LIB_OBJ) -o $@ -lyaml-cpp -lfmt
+
+fuzz-build: $(FUZZ_TARGETS:%=$(FUZZ_BUILD)/fuzz_%)
+
+fuzz: fuzz-build
+	@FUZZ_BUILD=$(FUZZ_BUILD) FUZZ_SECONDS=$(FUZZ_SECONDS) bash tests/fuzz/run.sh $(FUZZ_TARGETS)
+
+clean:
+	rm -rf build build-san build-fuzz
+
+-include $(SRC_OBJ:.o=.d) $(CMD_OBJ:.o=.d) $(TEST_OBJ:.o=.d) $(wildcard $(FUZZ_BUILD)/*.d $(FUZZ_BUILD)/src/*.d)

@@ -3,11 +3,26 @@
 #include "commands.h"
 #include "common.h"
 #include "device.h"
+#include "dist.h"
 
 #include <cstdio>
 #include <new>
 
-int main(int argc, char** argv) {
+// With several ranks a failing rank takes the others down (MPI_Abort) instead of leaving them
+// blocked in a collective; its message names the rank.
+static int fail_exit(const char* msg) {
+    std::fflush(stdout);
+    moe::Dist& d = moe::Dist::get();
+    if (d.active()) {
+        std::fprintf(stderr, "error: %s (rank %d of %d)\n", msg, d.rank, d.world);
+        std::fflush(stderr);
+        d.abort(1);
+    }
+    std::fprintf(stderr, "error: %s\n", msg);
+    return 1;
+}
+
+static int run(int argc, char** argv) {
     CLI::App app{"moe: train, evaluate and upcycle Mixture-of-Experts GPTs (CPU/OpenMP and CUDA)", "moe"};
     app.require_subcommand(1);
     app.set_version_flag("--version", moe::build_info());
@@ -28,17 +43,18 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "error: %s (run with --help for usage)\n", e.what());
         return 2;
     } catch (const moe::Error& e) {
-        std::fflush(stdout);
-        std::fprintf(stderr, "error: %s\n", e.what());
-        return 1;
+        return fail_exit(e.what());
     } catch (const std::bad_alloc&) {
-        std::fflush(stdout);
-        std::fprintf(stderr, "error: out of memory\n");
-        return 1;
+        return fail_exit("out of memory");
     } catch (const std::exception& e) {
-        std::fflush(stdout);
-        std::fprintf(stderr, "error: %s\n", e.what());
-        return 1;
+        return fail_exit(e.what());
     }
     return 0;
+}
+
+int main(int argc, char** argv) {
+    moe::Dist::get().init(&argc, &argv);
+    int rc = run(argc, argv);
+    moe::Dist::get().finalize();
+    return rc;
 }

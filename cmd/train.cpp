@@ -1,8 +1,11 @@
 /* `moe train CONFIG.yaml [--set k=v ...] [--resume DIR|latest] [--device auto|cpu|cuda]`. */
 #include "commands.h"
 #include "config.h"
+#include "dist.h"
 #include "trainer.h"
 
+#include <cstdio>
+#include <cstdlib>
 #include <memory>
 
 namespace moe {
@@ -26,7 +29,15 @@ void register_train_command(CLI::App& app) {
         TrainOptions opt;
         opt.resume = a->resume;
         opt.config_name = a->config;
-        run_training(cfg, opt);
+        TrainSummary sum = run_training(cfg, opt);
+        if (sum.interrupted) {
+            // SIGINT/SIGTERM: the checkpoint is written (trainer.h); exit as a shell reports a
+            // process stopped by that signal (130, 143), so scripts and schedulers see the run
+            // did not finish, while `--resume latest` continues it
+            std::fflush(stdout);
+            Dist::get().finalize();
+            std::exit(128 + sum.interrupted);
+        }
     });
 }
 

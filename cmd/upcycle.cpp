@@ -67,8 +67,9 @@ void report(const DenseWeights& d, const Config& cfg, const UpcycleOptions& o, c
         if (o.noise > 0) fmt::print("noise: N(0, {}) added to every expert's c_fc and c_proj weights\n", o.noise);
         if (e.shared_experts > 0)
             fmt::print("shared experts: {} x {} {}\n", e.shared_experts, e.shared_ff,
-                       r.shared_copied ? "copied from the dense FFN (shared_ff = d_ff)"
-                                       : fmt::format("initialised fresh (shared_ff {} != d_ff {})", e.shared_ff, m.d_ff));
+                       r.shared_copied
+                           ? std::string("copied from the dense FFN (shared_ff = d_ff)")
+                           : fmt::format("initialised fresh (shared_ff {} != d_ff {})", e.shared_ff, m.d_ff));
         std::string router = rc.type == "hash"   ? "random hash table (seeded)"
                            : rc.type == "soft"   ? "slots N(0, 0.02) (seeded)"
                            : r.zero_router       ? "weight 0 (every token gets every expert with equal gates)"

@@ -19,6 +19,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <memory>
 #include <set>
@@ -167,22 +168,18 @@ void save_safetensors(const std::string& path, const std::vector<TensorView>& te
     f.commit();
 }
 
-SafeTensors load_safetensors(const std::string& path) {
+namespace {
+
+// Copies the next n bytes of the source into dst; throws "truncated checkpoint" when it ends early.
+using ReadExact = std::function<void(void* dst, uint64_t n, const char* what)>;
+
+// The whole reader over a source of `file_size` bytes read front to back: a file
+// (load_safetensors, straight into the tensor buffers) or bytes in memory (parse_safetensors,
+// the fuzzing entry point). One code path, so the fuzzer checks exactly what loads checkpoints.
+SafeTensors parse_source(uint64_t file_size, const ReadExact& read_exact, const std::string& path) {
     // Every load error names the file the same way: "<what> (<path>: <detail>)".
     auto corrupt = [&](const std::string& detail) -> Error {
         return Error(fmt::format("corrupt checkpoint ({}: {})", path, detail));
-    };
-
-    std::unique_ptr<FILE, FileCloser> f(std::fopen(path.c_str(), "rb"));
-    if (!f) fail("cannot read checkpoint ({}: {})", path, std::strerror(errno));
-    struct stat st;
-    if (fstat(fileno(f.get()), &st) != 0) fail("cannot read checkpoint ({}: {})", path, std::strerror(errno));
-    if (!S_ISREG(st.st_mode)) fail("cannot read checkpoint ({}: not a regular file)", path);
-    uint64_t file_size = (uint64_t)st.st_size;
-    // Short reads after validation mean the file shrank under us: report it as truncation.
-    auto read_exact = [&](void* dst, uint64_t n, const char* what) {
-        if (n && std::fread(dst, 1, n, f.get()) != n)
-            fail("truncated checkpoint ({}: short read of {})", path, what);
     };
 
     if (file_size < 8)
@@ -210,7 +207,10 @@ SafeTensors load_safetensors(const std::string& path) {
     SafeTensors st_out;
     st_out.path = path;
     std::vector<Entry> entries;
-    for (auto& [name, v] : header.items()) {
+    for (auto& item : header.items()) {
+        // plain references, not a structured binding: lambdas below capture `name` (C++17)
+        const std::string& name = item.key();
+        const nlohmann::json& v = item.value();
         if (name == "__metadata__") {
             if (!v.is_object()) throw corrupt("__metadata__ is not an object");
             for (auto& [k, mv] : v.items()) {
@@ -277,6 +277,30 @@ SafeTensors load_safetensors(const std::string& path) {
         read_exact(td.bytes.data(), td.bytes.size(), e.name.c_str());
     }
     return st_out;
+}
+
+}  // namespace
+
+SafeTensors parse_safetensors(const std::string& bytes, const std::string& name) {
+    uint64_t pos = 0;
+    return parse_source(bytes.size(), [&](void* dst, uint64_t n, const char* what) {
+        if (n > bytes.size() - pos) fail("truncated checkpoint ({}: short read of {})", name, what);
+        if (n) std::memcpy(dst, bytes.data() + pos, n);
+        pos += n;
+    }, name);
+}
+
+SafeTensors load_safetensors(const std::string& path) {
+    std::unique_ptr<FILE, FileCloser> f(std::fopen(path.c_str(), "rb"));
+    if (!f) fail("cannot read checkpoint ({}: {})", path, std::strerror(errno));
+    struct stat st;
+    if (fstat(fileno(f.get()), &st) != 0) fail("cannot read checkpoint ({}: {})", path, std::strerror(errno));
+    if (!S_ISREG(st.st_mode)) fail("cannot read checkpoint ({}: not a regular file)", path);
+    // Short reads after validation mean the file shrank under us: report it as truncation.
+    return parse_source((uint64_t)st.st_size, [&](void* dst, uint64_t n, const char* what) {
+        if (n && std::fread(dst, 1, n, f.get()) != n)
+            fail("truncated checkpoint ({}: short read of {})", path, what);
+    }, path);
 }
 
 }  // namespace moe

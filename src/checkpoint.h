@@ -45,5 +45,8 @@ void save_safetensors(const std::string& path, const std::vector<TensorView>& te
 // has dtype/shape/data_offsets consistent with each other and the file size, offsets do not
 // overlap or exceed the data section. Any problem -> moe::Error naming the file.
 SafeTensors load_safetensors(const std::string& path);
+// The same reader over bytes in memory (the whole file); `name` stands in for the path in
+// errors. load_safetensors streams the file through the same code (tests/fuzz fuzzes this one).
+SafeTensors parse_safetensors(const std::string& bytes, const std::string& name);
 
 }  // namespace moe

@@ -80,7 +80,7 @@ std::vector<Field> fields_of(Config& c) {
         {"train.eval_batches", &t.eval_batches}, {"train.ckpt_every", &t.ckpt_every},
         {"train.out_dir", &t.out_dir}, {"train.device", &t.device, "auto|cpu|cuda"},
         {"train.dtype", &t.dtype, "fp32|bf16"}, {"train.threads", &t.threads},
-        {"train.init_from", &t.init_from},
+        {"train.init_from", &t.init_from}, {"train.nonfinite", &t.nonfinite, "stop|skip"},
         {"data.train", &c.data.train}, {"data.val", &c.data.val},
         {"dist.expert_parallel", &c.dist.expert_parallel},
     };

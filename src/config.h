@@ -77,6 +77,7 @@ struct TrainConfig {
     std::string dtype = "fp32";         // fp32 | bf16
     int threads = 0;                    // 0 = all cores
     std::string init_from;              // "" | a model checkpoint whose weights start the run (step 0)
+    std::string nonfinite = "stop";     // stop | skip: what a non-finite loss or gradient norm does
 };
 
 struct DataConfig {

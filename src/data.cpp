@@ -34,6 +34,21 @@ constexpr uint64_t TEXT_MIN_SPLIT = 2;                  // one input token and i
 
 using FilePtr = std::unique_ptr<FILE, int (*)(FILE*)>;
 
+// Validates a shard header against the size of the whole file; returns the token count.
+uint64_t check_header(const int32_t* h, uint64_t size, const std::string& path) {
+    if (h[0] != SHARD_MAGIC) fail("bad magic {} in shard ({}); expected {}", h[0], path, SHARD_MAGIC);
+    if (h[1] != SHARD_VERSION) fail("bad version {} in shard ({}); expected {}", h[1], path, SHARD_VERSION);
+    if (h[2] < 0) fail("bad token count {} in the header of shard ({})", h[2], path);
+    const uint64_t count = (uint64_t)h[2], holds = (size - HEADER_BYTES) / 2;
+    if (size != HEADER_BYTES + 2 * count) {
+        if (holds < count)
+            fail("truncated shard ({}): header says {} tokens but the file holds {}", path, count, holds);
+        fail("shard ({}) is longer than its header says: header says {} tokens but the file holds {} bytes "
+             "after the header", path, count, size - HEADER_BYTES);
+    }
+    return count;
+}
+
 // Opens a shard, reads and validates its header against the file size. On return the file is
 // positioned at the first token and *ntok holds the token count.
 FilePtr open_shard(const std::string& path, uint64_t* ntok) {
@@ -49,17 +64,7 @@ FilePtr open_shard(const std::string& path, uint64_t* ntok) {
     int32_t h[SHARD_HEADER_INTS];
     if (std::fread(h, sizeof(int32_t), SHARD_HEADER_INTS, f.get()) != (size_t)SHARD_HEADER_INTS)
         fail("cannot read the header of shard ({})", path);
-    if (h[0] != SHARD_MAGIC) fail("bad magic {} in shard ({}); expected {}", h[0], path, SHARD_MAGIC);
-    if (h[1] != SHARD_VERSION) fail("bad version {} in shard ({}); expected {}", h[1], path, SHARD_VERSION);
-    if (h[2] < 0) fail("bad token count {} in the header of shard ({})", h[2], path);
-    const uint64_t count = (uint64_t)h[2], holds = (size - HEADER_BYTES) / 2;
-    if (size != HEADER_BYTES + 2 * count) {
-        if (holds < count)
-            fail("truncated shard ({}): header says {} tokens but the file holds {}", path, count, holds);
-        fail("shard ({}) is longer than its header says: header says {} tokens but the file holds {} bytes "
-             "after the header", path, count, size - HEADER_BYTES);
-    }
-    *ntok = count;
+    *ntok = check_header(h, size, path);
     return f;
 }
 
@@ -91,6 +96,18 @@ std::vector<uint16_t> read_shard(const std::string& path) {
     std::vector<uint16_t> tokens(n);
     if (n && std::fread(tokens.data(), sizeof(uint16_t), n, f.get()) != n)
         fail("cannot read the tokens of shard ({}): {}", path, std::strerror(errno));
+    return tokens;
+}
+
+std::vector<uint16_t> parse_shard(const std::string& bytes, const std::string& name) {
+    const uint64_t size = bytes.size();
+    if (size < HEADER_BYTES)
+        fail("truncated shard ({}): the file holds {} bytes, less than the {}-byte header", name, size,
+             HEADER_BYTES);
+    int32_t h[SHARD_HEADER_INTS];
+    std::memcpy(h, bytes.data(), HEADER_BYTES);
+    std::vector<uint16_t> tokens(check_header(h, size, name));
+    if (!tokens.empty()) std::memcpy(tokens.data(), bytes.data() + HEADER_BYTES, tokens.size() * sizeof(uint16_t));
     return tokens;
 }
 

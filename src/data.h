@@ -17,6 +17,8 @@ constexpr int SHARD_HEADER_INTS = 256;
 void write_shard(const std::string& path, const std::vector<uint16_t>& tokens);
 // Reads and validates a whole shard: magic, version, token count vs file size.
 std::vector<uint16_t> read_shard(const std::string& path);
+// The same checks on a whole shard file in memory; `name` stands in for the path in errors.
+std::vector<uint16_t> parse_shard(const std::string& bytes, const std::string& name);
 // Expands a glob; sorted by name. Throws "error: no files match <pattern> (<what>)" if empty.
 std::vector<std::string> expand_glob(const std::string& pattern, const std::string& what);
 

@@ -17,7 +17,7 @@ namespace moe {
 
 struct DenseWeights {
     std::string path;
-    std::string format;           // "moe safetensors (step N)" | "llm.c GPT-2 fp32 (version 3)" | "... bf16 (version 5)"
+    std::string format;           // "moe safetensors, step N" | "llm.c GPT-2 fp32 (version 3)" | "... bf16 (5)"
     ModelConfig dims;             // vocab_size, seq_len (= rows of wpe), n_layer, n_head, d_model, d_ff; moe off
     int padded_vocab = 0;         // llm.c: rows of wte in the file (>= vocab_size); ours: vocab_size
     std::map<std::string, std::vector<float>> tensors;  // DESIGN.md names of a dense model with `dims`

@@ -4,6 +4,7 @@
    x + f(LN(x)) blocks, so no per-layer gradient activations are needed. */
 #include "model.h"
 #include "common.h"
+#include "dist.h"
 
 #include <cmath>
 
@@ -43,6 +44,17 @@ GPT::GPT(const Config& full, Backend& be) : cfg_(full), be_(be), rng_((uint64_t)
     }
     lnfw_ = params_.size(); add_param("ln_f.weight", {C});
     lnfb_ = params_.size(); add_param("ln_f.bias", {C});
+    const Dist& d = Dist::get();
+    for (ParamTensor& p : params_) {
+        p.owned_offset = p.offset;
+        p.owned_numel = p.numel;
+        if (d.ep > 1 && p.name.find(".moe.experts.") != std::string::npos) {
+            const size_t per_expert = p.numel / p.shape[0], local = p.shape[0] / d.ep;
+            p.sharded = true;
+            p.owned_offset = p.offset + d.ep_rank * local * per_expert;
+            p.owned_numel = local * per_expert;
+        }
+    }
     weights_ = be_.alloc(num_params_);
     grads_ = be_.alloc(num_params_);
 }
@@ -232,6 +244,31 @@ void GPT::backward(float dloss_scale) {
         // dresidual now holds d(residual3[l-1])
     }
     be_.encoder_backward(g(wte_), g(wpe_), a.dresidual, a.inputs, B, T, C);
+}
+
+void GPT::reduce_grads() {
+    const Dist& d = Dist::get();
+    if (!d.active()) return;
+    std::vector<float> g = get_grads();
+    for (const ParamTensor& p : params_) {
+        if (p.sharded) d.allreduce(g.data() + p.owned_offset, p.owned_numel, Dist::DP);
+        else d.allreduce(g.data() + p.offset, p.numel, Dist::WORLD);
+    }
+    const float inv = 1.0f / d.world;
+    for (float& x : g) x *= inv;
+    be_.upload(grads_, g.data(), g.size() * sizeof(float));
+}
+
+void GPT::gather_sharded(std::vector<float>& host) const {
+    const Dist& d = Dist::get();
+    if (d.ep == 1) return;
+    for (const ParamTensor& p : params_) {
+        if (!p.sharded) continue;
+        float* t = host.data() + p.offset;
+        for (size_t i = 0; i < p.numel; i++)
+            if (p.offset + i < p.owned_offset || p.offset + i >= p.owned_offset + p.owned_numel) t[i] = 0.0f;
+        d.allreduce(t, p.numel, Dist::EP);
+    }
 }
 
 std::vector<MoeLayer*> GPT::moe_layers() {

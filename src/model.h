@@ -20,6 +20,10 @@ struct ParamTensor {
     size_t offset = 0;            // into GPT::weights / grads (floats)
     size_t numel = 0;
     bool decay = false;           // AdamW weight decay: matrices (>= 2 dims, not biases)
+    // expert parallel: routed-expert tensors (E, ...) are split along E; this rank computes,
+    // reduces and updates only [owned_offset, owned_offset + owned_numel) of the flat buffer
+    bool sharded = false;
+    size_t owned_offset = 0, owned_numel = 0;
 };
 
 class GPT {
@@ -61,6 +65,13 @@ public:
     float* grads() { return grads_; }       // backend memory, (num_params)
     const float* logits() const { return acts_.logits; }  // backend memory, (B, T, V) of the last forward
     Backend& backend() { return be_; }
+
+    // Distributed runs: gradients summed over the ranks that share each tensor and divided by
+    // the world size (replicated tensors over all ranks, owned expert slices over the DP group).
+    void reduce_grads();
+    // A host buffer laid out like the weights whose sharded tensors are valid only in the owned
+    // slices becomes complete on every rank (other slices zeroed, summed over the EP group).
+    void gather_sharded(std::vector<float>& host) const;
 
     // host copies (for checkpoints and tests)
     std::vector<float> get_weights() const;

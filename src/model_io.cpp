@@ -24,8 +24,8 @@ std::string state_path_for(const std::string& model_path) {
     return base + ".state" + ext;
 }
 
-void save_model(const std::string& path, GPT& model, const Config& cfg, int step) {
-    std::vector<float> w = model.get_weights();
+void save_model(const std::string& path, GPT& model, const Config& cfg, int step, const std::vector<float>* host) {
+    std::vector<float> w = host ? *host : model.get_weights();
     std::vector<TensorView> views;
     for (const ParamTensor& p : model.params()) views.push_back({p.name, "F32", p.shape, w.data() + p.offset});
     for (const GPT::Buffer& b : model.buffers()) views.push_back({b.name, b.dtype, b.shape, b.data});

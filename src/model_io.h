@@ -14,7 +14,9 @@ namespace moe {
 std::string checkpoint_path(const std::string& out_dir, int step);        // <dir>/model_<step:08d>.safetensors
 std::string state_path_for(const std::string& model_path);                 // ...model_X.state.safetensors
 
-void save_model(const std::string& path, GPT& model, const Config& cfg, int step);
+// host_weights: a host copy to write instead of the model's own (e.g. gathered expert shards)
+void save_model(const std::string& path, GPT& model, const Config& cfg, int step,
+                const std::vector<float>* host_weights = nullptr);
 
 struct LoadedModel {
     Config cfg;

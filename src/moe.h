@@ -111,8 +111,16 @@ private:
     void ffn_backward(float* dx, float* dW1, float* db1, float* dW2, float* db2, float* dh, float* dact,
                       const float* dy, const float* x, const float* h, const float* act, int rows,
                       const float* W1, const float* W2, int F);
-    void grouped_forward(const Expert& ex, const std::vector<int>& offsets, float* weights);
-    void grouped_backward(const Expert& ex, const std::vector<int>& offsets, float* weights, float* grads);
+    struct Block { int expert, row0, rows; };
+    static std::vector<Block> plan_blocks(const std::vector<int>& offsets, int count);
+    void grouped_forward(const Expert& ex, const std::vector<Block>& blocks, const float* x, float* h, float* act,
+                         float* y, float* weights);
+    void grouped_backward(const Expert& ex, const std::vector<Block>& blocks, float* dx, const float* dy,
+                          const float* x, const float* h, const float* act, int total_rows, float* weights,
+                          float* grads);
+    void exchange_forward(float* weights);            // expert parallel: all-to-all around the experts
+    void exchange_backward(float* weights, float* grads);
+    void ensure_remote(int rows);
     float* P(float* base, size_t idx) const;
 
     RouterConfig rc_;
@@ -144,6 +152,12 @@ private:
     float *sh_h_ = nullptr, *sh_act_ = nullptr, *sh_y_ = nullptr;            // (S, N, Fh) (S, N, F) (N, C)
     float *dy_ = nullptr, *dh_ = nullptr, *dact_ = nullptr, *dxg_ = nullptr;  // backward scratch
     float *dz_ = nullptr, *dpre_ = nullptr, *dxr_ = nullptr, *tmp_ = nullptr;
+    // expert parallel: rows received from the EP group, their blocks and the exchange counts
+    std::vector<int> send_rows_, recv_rows_;
+    std::vector<Block> remote_blocks_;
+    int remote_rows_ = 0, remote_cap_ = 0, scratch_rows_ = 0;
+    std::vector<void*> remote_allocs_;
+    float *rx_ = nullptr, *rh_ = nullptr, *ract_ = nullptr, *ry_ = nullptr, *rdy_ = nullptr, *rdx_ = nullptr;
     // Soft MoE host state, per micro-batch
     std::vector<float> soft_x_, soft_D_, soft_Cw_, soft_Ys_, soft_phi_;
 };

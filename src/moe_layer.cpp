@@ -5,6 +5,7 @@
 #include "moe.h"
 #include "model.h"
 #include "moe_router.h"
+#include "dist.h"
 
 #include <algorithm>
 #include <cmath>
@@ -45,6 +46,7 @@ MoeLayer::MoeLayer(const Config& cfg, int layer, Backend& be, const std::vector<
 
 MoeLayer::~MoeLayer() {
     for (void* p : allocs_) be_.free_bytes(p);
+    for (void* p : remote_allocs_) be_.free_bytes(p);
 }
 
 float* MoeLayer::P(float* base, size_t idx) const { return base + params_[idx].offset; }
@@ -72,6 +74,7 @@ void MoeLayer::ensure_buffers(int N, int A) {
     sh_h_ = f(S * N * Fsh); sh_act_ = f(S * N * Fs); sh_y_ = f(N * C);
     const size_t Fmax = std::max(F, Fs), Fhmax = std::max(Fh, Fsh), R = std::max((size_t)A, (size_t)N);
     dy_ = f(A * C); dh_ = f(R * Fhmax); dact_ = f(R * Fmax); dxg_ = f(A * C);
+    scratch_rows_ = (int)R;
     dz_ = f(N * E); dpre_ = f(N * E); dxr_ = f(N * C); tmp_ = f(N * C);
 }
 
@@ -98,25 +101,90 @@ void MoeLayer::ffn_backward(float* dx, float* dW1, float* db1, float* dW2, float
     be_.matmul_backward(dx, dW1, db1, dh, x, W1, rows, C_, Fh);
 }
 
-// Expert e of a stacked group runs on rows [offsets[e], offsets[e+1]) of xg_/h_/act_/y_.
-void MoeLayer::grouped_forward(const Expert& ex, const std::vector<int>& off, float* w) {
+// Blocks of consecutive rows that one expert runs on: the plan's per-expert slices of the
+// dispatched rows (one process), or per (source rank, local expert) slices of the rows received
+// by all-to-all (expert parallel).
+std::vector<MoeLayer::Block> MoeLayer::plan_blocks(const std::vector<int>& off, int count) {
+    std::vector<Block> b;
+    for (int e = 0; e < count; e++) b.push_back({e, off[e], off[e + 1] - off[e]});
+    return b;
+}
+
+void MoeLayer::grouped_forward(const Expert& ex, const std::vector<Block>& blocks, const float* x, float* h,
+                               float* act, float* y, float* w) {
     const size_t C = C_, F = ex.ff, Fh = swiglu_ ? 2 * F : F;
-    for (int e = 0; e < ex.count; e++) {
-        int r0 = off[e], rows = off[e + 1] - off[e];
-        ffn_forward(y_ + r0 * C, h_ + r0 * Fh, act_ + r0 * F, xg_ + r0 * C, rows, P(w, ex.fc_w) + e * Fh * C,
+    for (const Block& b : blocks) {
+        const size_t r0 = b.row0, e = b.expert;
+        ffn_forward(y + r0 * C, h + r0 * Fh, act + r0 * F, x + r0 * C, b.rows, P(w, ex.fc_w) + e * Fh * C,
                     P(w, ex.fc_b) + e * Fh, P(w, ex.proj_w) + e * C * F, P(w, ex.proj_b) + e * C, (int)F);
     }
 }
 
-void MoeLayer::grouped_backward(const Expert& ex, const std::vector<int>& off, float* w, float* g) {
+// dx (rows of the blocks) is overwritten; expert gradients accumulate.
+void MoeLayer::grouped_backward(const Expert& ex, const std::vector<Block>& blocks, float* dx, const float* dy,
+                                const float* x, const float* h, const float* act, int total_rows, float* w, float* g) {
     const size_t C = C_, F = ex.ff, Fh = swiglu_ ? 2 * F : F;
-    be_.zero(dxg_, (size_t)off[ex.count] * C * sizeof(float));
-    for (int e = 0; e < ex.count; e++) {
-        int r0 = off[e], rows = off[e + 1] - off[e];
-        ffn_backward(dxg_ + r0 * C, P(g, ex.fc_w) + e * Fh * C, P(g, ex.fc_b) + e * Fh, P(g, ex.proj_w) + e * C * F,
-                     P(g, ex.proj_b) + e * C, dh_ + r0 * Fh, dact_ + r0 * F, dy_ + r0 * C, xg_ + r0 * C,
-                     h_ + r0 * Fh, act_ + r0 * F, rows, P(w, ex.fc_w) + e * Fh * C, P(w, ex.proj_w) + e * C * F,
+    be_.zero(dx, (size_t)total_rows * C * sizeof(float));
+    for (const Block& b : blocks) {
+        const size_t r0 = b.row0, e = b.expert;
+        ffn_backward(dx + r0 * C, P(g, ex.fc_w) + e * Fh * C, P(g, ex.fc_b) + e * Fh, P(g, ex.proj_w) + e * C * F,
+                     P(g, ex.proj_b) + e * C, dh_ + r0 * Fh, dact_ + r0 * F, dy + r0 * C, x + r0 * C,
+                     h + r0 * Fh, act + r0 * F, b.rows, P(w, ex.fc_w) + e * Fh * C, P(w, ex.proj_w) + e * C * F,
                      (int)F);
+    }
+}
+
+// Expert parallel: the plan's rows are grouped by expert, so the rows for EP rank r (experts
+// [r*El, (r+1)*El)) are contiguous. Counts per (rank, local expert) go first, then the rows;
+// received rows are laid out by source rank, then local expert, and run as blocks.
+void MoeLayer::exchange_forward(float* w) {
+    const Dist& d = Dist::get();
+    const int El = E_ / d.ep;
+    const std::vector<int>& off = r_.plan.offsets;
+    std::vector<int> send(E_), recv;
+    for (int e = 0; e < E_; e++) send[e] = off[e + 1] - off[e];
+    d.alltoall_counts(send, recv, El);
+    send_rows_.assign(d.ep, 0);
+    recv_rows_.assign(d.ep, 0);
+    remote_blocks_.clear();
+    int row = 0;
+    for (int r = 0; r < d.ep; r++)
+        for (int j = 0; j < El; j++) {
+            send_rows_[r] += send[r * El + j];
+            recv_rows_[r] += recv[r * El + j];
+            remote_blocks_.push_back({d.ep_rank * El + j, row, recv[r * El + j]});
+            row += recv[r * El + j];
+        }
+    remote_rows_ = row;
+    ensure_remote(row);
+    d.alltoallv(xg_, send_rows_, rx_, recv_rows_, C_);                    // (R, C) rows to run here
+    grouped_forward(routed_, remote_blocks_, rx_, rh_, ract_, ry_, w);
+    d.alltoallv(ry_, recv_rows_, y_, send_rows_, C_);                     // results back to their tokens
+}
+
+void MoeLayer::exchange_backward(float* w, float* g) {
+    const Dist& d = Dist::get();
+    d.alltoallv(dy_, send_rows_, rdy_, recv_rows_, C_);
+    grouped_backward(routed_, remote_blocks_, rdx_, rdy_, rx_, rh_, ract_, remote_rows_, w, g);
+    d.alltoallv(rdx_, recv_rows_, dxg_, send_rows_, C_);
+}
+
+void MoeLayer::ensure_remote(int R) {
+    const size_t C = C_, F = routed_.ff, Fh = swiglu_ ? 2 * F : F;
+    auto f = [&](size_t k) { float* p = be_.alloc(std::max<size_t>(k, 1)); remote_allocs_.push_back(p); return p; };
+    if (R > remote_cap_) {
+        for (void* p : remote_allocs_) be_.free_bytes(p);
+        remote_allocs_.clear();
+        scratch_rows_ = 0;  // a scratch allocated here went with them
+        remote_cap_ = std::max(R, remote_cap_ * 2);
+        const size_t n = remote_cap_;
+        rx_ = f(n * C); rh_ = f(n * Fh); ract_ = f(n * F); ry_ = f(n * C); rdy_ = f(n * C); rdx_ = f(n * C);
+    }
+    if (R > scratch_rows_) {  // the backward scratch (dh_, dact_) is indexed by these rows too
+        const size_t n = remote_cap_, Fs = shared_.ff, Fsh = swiglu_ ? 2 * Fs : Fs;
+        dh_ = f(n * std::max(Fh, Fsh));
+        dact_ = f(n * std::max(F, Fs));
+        scratch_rows_ = (int)n;
     }
 }
 
@@ -220,7 +288,8 @@ void MoeLayer::forward(float* out, const float* x, const int* tokens, int B, int
         be_.upload(tok_off_, p.tok_offsets.data(), (N + 1) * sizeof(int));
         be_.upload(tok_assign_, p.tok_assign.data(), A * sizeof(int));
         be_.moe_dispatch_forward(xg_, x, token_, A, C_);                     // (A, C)
-        grouped_forward(routed_, p.offsets, w);
+        if (Dist::get().ep > 1) exchange_forward(w);
+        else grouped_forward(routed_, plan_blocks(p.offsets, E_), xg_, h_, act_, y_, w);
         be_.moe_combine_forward(out, y_, gate_, tok_off_, tok_assign_, N, C_); // (N, C)
     }
     const size_t Fs = shared_.ff, Fsh = swiglu_ ? 2 * Fs : Fs;
@@ -245,7 +314,8 @@ void MoeLayer::backward(float* dx, const float* dout, float* w, float* g, float 
     const DispatchPlan& p = r_.plan;
     const int A = p.kept();
     be_.moe_combine_backward(dy_, dgate_, dout, y_, gate_, token_, A, C_);
-    grouped_backward(routed_, p.offsets, w, g);
+    if (Dist::get().ep > 1) exchange_backward(w, g);
+    else grouped_backward(routed_, plan_blocks(p.offsets, E_), dxg_, dy_, xg_, h_, act_, A, w, g);
     be_.moe_dispatch_backward(dx, dxg_, tok_off_, tok_assign_, N, C_);
     if (p_router_ == SIZE_MAX) return;  // hash: no router parameters
 
@@ -330,7 +400,7 @@ void MoeLayer::soft_forward(float* out, const float* x, int B, int T, float* w) 
     std::vector<int> offsets(E_ + 1);
     for (int e = 0; e <= E_; e++) offsets[e] = e * B * p;
     be_.upload(xg_, xs.data(), xs.size() * sizeof(float));
-    grouped_forward(routed_, offsets, w);
+    grouped_forward(routed_, plan_blocks(offsets, E_), xg_, h_, act_, y_, w);
     soft_Ys_.resize(xs.size());
     be_.download(soft_Ys_.data(), y_, soft_Ys_.size() * sizeof(float));
     std::vector<float> o((size_t)N * C, 0.0f);
@@ -396,7 +466,7 @@ void MoeLayer::soft_backward(float* dx, const float* dout, float* w, float* g) {
     std::vector<int> offsets(E_ + 1);
     for (int e = 0; e <= E_; e++) offsets[e] = e * B * p;
     be_.upload(dy_, dYs.data(), dYs.size() * sizeof(float));
-    grouped_backward(routed_, offsets, w, g);
+    grouped_backward(routed_, plan_blocks(offsets, E_), dxg_, dy_, xg_, h_, act_, offsets[E_], w, g);
     std::vector<float> dXs(dYs.size()), dxh((size_t)N * C, 0.0f), dphi((size_t)C * S, 0.0f);
     be_.download(dXs.data(), dxg_, dXs.size() * sizeof(float));
     std::vector<std::vector<float>> dphi_b(B, std::vector<float>((size_t)C * S, 0.0f));

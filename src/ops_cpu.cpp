@@ -119,11 +119,7 @@ void micro_kernel(int kc, const float* __restrict a, size_t lda, const float* __
 
 // A(m, k) for m < mc, k < kc (zero for m >= mc) as MR-row micro-panels ap[tile][k][i].
 void pack_a(float* ap, const float* a0, size_t sam, size_t sak, int mc, int kc) {
-    const int full = sam == 1 ? mc / MR : 0;  // columns of A: copy MR contiguous floats
-    for (int k = 0; k < kc; k++)
-        for (int t = 0; t < full; t++)
-            for (int i = 0; i < MR; i++) ap[((size_t)t * kc + k) * MR + i] = a0[(size_t)k * sak + t * MR + i];
-    for (int t = full; t * MR < mc; t++) {
+    for (int t = 0; t * MR < mc; t++) {
         float* dst = ap + (size_t)t * kc * MR;
         const int rows = std::min(MR, mc - t * MR);
         for (int k = 0; k < kc; k++)
@@ -192,10 +188,8 @@ void gemm(float* c, size_t ldc,                          // (M, Nc), row stride 
     }
     const int mb = (M + mc_max - 1) / mc_max, nb = (np + ppt - 1) / ppt;
     mc_max = MR * ((mtiles + mb - 1) / mb);  // same number of blocks, evened out
-    // full MR-row tiles read A in place when its rows are contiguous. Columns of A (dout^T in
-    // dweight) are OC floats apart, so a kernel call would touch kc pages: they are packed
-    // instead, unless several panel groups would each pack the same rows again.
-    const bool in_place = sak == 1 || (sam == 1 && nb > 1);
+    // full MR-row tiles read A in place when either of its directions is contiguous
+    const bool in_place = sak == 1 || sam == 1;
     // dynamic: tasks differ in size at the edges, and which thread runs a task does not
     // change its result
 #pragma omp parallel for collapse(2) schedule(dynamic)

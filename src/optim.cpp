@@ -1,6 +1,7 @@
 /* AdamW, learning-rate schedule and gradient clipping; see optim.h. */
 #include "optim.h"
 #include "common.h"
+#include "dist.h"
 
 #include <algorithm>
 #include <cmath>
@@ -27,7 +28,15 @@ AdamW::~AdamW() {
 float AdamW::step(float lr) {
     Backend& be = model_.backend();
     const size_t n = model_.num_params();
-    float norm = (float)std::sqrt(be.sum_squares(model_.grads(), n));
+    // replicated tensors are identical on every rank; each owned expert slice lives on one rank
+    // of the EP group, so its squares are summed over the group
+    double replicated = 0.0, sharded = 0.0;
+    for (const ParamTensor& p : model_.params()) {
+        double s = be.sum_squares(model_.grads() + p.owned_offset, p.owned_numel);
+        (p.sharded ? sharded : replicated) += s;
+    }
+    Dist::get().allreduce(&sharded, 1, Dist::EP);
+    float norm = (float)std::sqrt(replicated + sharded);
     if (tc_.grad_clip > 0) {
         // torch.nn.utils.clip_grad_norm_: coefficient clip/(norm+1e-6), never above 1
         float coef = (float)(tc_.grad_clip / (norm + 1e-6));
@@ -35,8 +44,8 @@ float AdamW::step(float lr) {
     }
     t_++;
     for (const ParamTensor& p : model_.params()) {
-        be.adamw_update(model_.weights() + p.offset, model_.grads() + p.offset, m_ + p.offset, v_ + p.offset,
-                        p.numel, lr, (float)tc_.beta1, (float)tc_.beta2, 1e-8f,
+        const size_t o = p.owned_offset;
+        be.adamw_update(model_.weights() + o, model_.grads() + o, m_ + o, v_ + o, p.owned_numel, lr, (float)tc_.beta1, (float)tc_.beta2, 1e-8f,
                         p.decay ? (float)tc_.weight_decay : 0.0f, t_);
     }
     return norm;

@@ -26,8 +26,15 @@ struct TrainSummary {
     std::vector<float> losses;                   // train loss of each step run here
     std::vector<std::pair<int, float>> val_losses;
     std::string final_checkpoint;
+    int skipped = 0;                             // steps skipped as non-finite (train.nonfinite: skip)
+    int interrupted = 0;                         // SIGINT/SIGTERM that stopped the run early, else 0
 };
 
+// While it runs, SIGINT and SIGTERM are caught: the step in progress finishes, a checkpoint
+// (model + state) is written, and the run returns with `interrupted` set to the signal (`moe
+// train` then exits 128 + signal: 130, 143). A second signal kills at once. A non-finite loss or
+// gradient norm never reaches the weights: train.nonfinite = skip drops the update and counts it,
+// stop writes a checkpoint of the weights before the step and throws moe::Error.
 TrainSummary run_training(const Config& cfg, const TrainOptions& opt);
 
 // Mean loss over `batches` val batches read from the start of the loader (DESIGN.md: batch b

@@ -103,7 +103,10 @@ void write_llmc(const std::string& path, const GPT& m, int Vp, int maxT, bool bf
     const ModelConfig& mc = m.config();
     const int V = mc.vocab_size, T = mc.seq_len, C = mc.d_model, L = mc.n_layer;
     std::vector<float> w = m.get_weights();
-    auto t = [&](const std::string& n) { const ParamTensor& p = m.param(n); return std::vector<float>(w.begin() + p.offset, w.begin() + p.offset + p.numel); };
+    auto t = [&](const std::string& n) {
+        const ParamTensor& p = m.param(n);
+        return std::vector<float>(w.begin() + p.offset, w.begin() + p.offset + p.numel);
+    };
     std::vector<float> all;
     Rng rng(99);
     auto junk = [&](size_t n) { for (size_t i = 0; i < n; i++) all.push_back(rng.normal()); };
@@ -160,7 +163,8 @@ TEST_CASE("upcycle: copy reproduces the dense model where it says so") {
         INFO(c.name);
         UpcycleResult r = fx.up(cfg_of(fx.dir, c.moe, c.router));
         CHECK(r.exact == c.exact);
-        CHECK(r.moe_layers == (c.moe.find("every: 2") != std::string::npos ? std::vector<int>{0} : std::vector<int>{0, 1}));
+        const bool every2 = c.moe.find("every: 2") != std::string::npos;
+        CHECK(r.moe_layers == (every2 ? std::vector<int>{0} : std::vector<int>{0, 1}));
         const float l = fx.loss(*r.model);
         INFO(r.exact_why << " | dense " << dense_loss << " upcycled " << l);
         if (c.exact) CHECK(rel(l, dense_loss) < 1e-5);
@@ -178,12 +182,15 @@ TEST_CASE("upcycle: copy reproduces the dense model where it says so") {
     UpcycleResult rn = fx.up(cfg_of(fx.dir, base), noisy);
     CHECK_FALSE(rn.exact);
     std::vector<float> w = tensor(*rn.model, "h.0.moe.experts.c_fc.weight");   // (E, F, C)
-    CHECK(std::vector<float>(w.begin(), w.begin() + 64 * 16) != std::vector<float>(w.begin() + 64 * 16, w.begin() + 2 * 64 * 16));
+    const size_t per_expert = 64 * 16;
+    CHECK(std::vector<float>(w.begin(), w.begin() + per_expert) !=
+          std::vector<float>(w.begin() + per_expert, w.begin() + 2 * per_expert));
 
     // the real binary: upcycle, then `moe eval --json` of both files agree
     write_text(fx.dir / "moe.yaml", yaml(fx.dir, base));
     std::string out = fx.dir / "up.safetensors";
-    RunResult u = run(moe_bin() + " upcycle --in " + fx.dense_path + " --config " + (fx.dir / "moe.yaml") + " --out " + out);
+    RunResult u = run(moe_bin() + " upcycle --in " + fx.dense_path + " --config " + (fx.dir / "moe.yaml") +
+                      " --out " + out);
     INFO(u.output);
     REQUIRE(u.status == 0);
     CHECK(u.output.find("function-preserving: yes") != std::string::npos);
@@ -196,11 +203,12 @@ TEST_CASE("upcycle: granular splits the FFN and is exact with top_k = experts an
     Fixture fx;
     const float dense_loss = fx.loss(*fx.dense);
     struct Case { const char* name; std::string moe, router; bool exact; const char* why; };
+    const std::string all4 = "experts: 4, top_k: 4, expert_ff: 16";
     const Case cases[] = {
-        {"softmax, raw gates, scale E", "experts: 4, top_k: 4, expert_ff: 16", "normalize_topk: false, scale: 4.0", true, ""},
-        {"sigmoid, raw gates, scale 2", "experts: 4, top_k: 4, expert_ff: 16", "score: sigmoid, normalize_topk: false, scale: 2.0", true, ""},
+        {"softmax, raw gates, scale E", all4, "normalize_topk: false, scale: 4.0", true, ""},
+        {"sigmoid, raw gates, scale 2", all4, "score: sigmoid, normalize_topk: false, scale: 2.0", true, ""},
         {"8 experts = 2 x 4 slices, gates 1/2", "experts: 8, top_k: 8, expert_ff: 16", "scale: 4.0", true, ""},
-        {"scale 1", "experts: 4, top_k: 4, expert_ff: 16", "", false, "router.scale: 4"},
+        {"scale 1", all4, "", false, "router.scale: 4"},
         {"top-2 of 4", "experts: 4, top_k: 2, expert_ff: 16", "scale: 4.0", false, "top_k"},
     };
     UpcycleOptions o;
@@ -221,10 +229,12 @@ TEST_CASE("upcycle: granular splits the FFN and is exact with top_k = experts an
     CHECK(r.zero_router);
     for (float v : tensor(*r.model, "h.1.moe.router.weight")) REQUIRE(v == 0.0f);
     const int C = 16, F = 64, Fe = 16;
-    std::vector<float> fcw = tensor(*fx.dense, "h.1.mlp.c_fc.weight"), projw = tensor(*fx.dense, "h.1.mlp.c_proj.weight");
-    std::vector<float> projb = tensor(*fx.dense, "h.1.mlp.c_proj.bias");
-    std::vector<float> efc = tensor(*r.model, "h.1.moe.experts.c_fc.weight"), eproj = tensor(*r.model, "h.1.moe.experts.c_proj.weight");
-    std::vector<float> eprojb = tensor(*r.model, "h.1.moe.experts.c_proj.bias");
+    std::vector<float> fcw = tensor(*fx.dense, "h.1.mlp.c_fc.weight");            // (F, C)
+    std::vector<float> projw = tensor(*fx.dense, "h.1.mlp.c_proj.weight");        // (C, F)
+    std::vector<float> projb = tensor(*fx.dense, "h.1.mlp.c_proj.bias");          // (C)
+    std::vector<float> efc = tensor(*r.model, "h.1.moe.experts.c_fc.weight");     // (E, Fe, C)
+    std::vector<float> eproj = tensor(*r.model, "h.1.moe.experts.c_proj.weight"); // (E, C, Fe)
+    std::vector<float> eprojb = tensor(*r.model, "h.1.moe.experts.c_proj.bias");  // (E, C)
     for (int e = 0; e < 8; e++)
         for (int u = 0; u < Fe; u++)
             for (int c = 0; c < C; c++) {
@@ -249,10 +259,12 @@ TEST_CASE("upcycle: drop re-initialises round(r * expert_ff) units of each exper
         CHECK(r.exact == (n == 0));
         for (int l = 0; l < 2; l++) {
             const std::string p = "h." + std::to_string(l) + ".";
-            std::vector<float> fcw = tensor(*fx.dense, p + "mlp.c_fc.weight"), fcb = tensor(*fx.dense, p + "mlp.c_fc.bias");
-            std::vector<float> projw = tensor(*fx.dense, p + "mlp.c_proj.weight");
-            std::vector<float> efc = tensor(*r.model, p + "moe.experts.c_fc.weight"), efb = tensor(*r.model, p + "moe.experts.c_fc.bias");
-            std::vector<float> eproj = tensor(*r.model, p + "moe.experts.c_proj.weight");
+            std::vector<float> fcw = tensor(*fx.dense, p + "mlp.c_fc.weight");        // (F, C)
+            std::vector<float> fcb = tensor(*fx.dense, p + "mlp.c_fc.bias");          // (F)
+            std::vector<float> projw = tensor(*fx.dense, p + "mlp.c_proj.weight");    // (C, F)
+            std::vector<float> efc = tensor(*r.model, p + "moe.experts.c_fc.weight"); // (E, F, C)
+            std::vector<float> efb = tensor(*r.model, p + "moe.experts.c_fc.bias");   // (E, F)
+            std::vector<float> eproj = tensor(*r.model, p + "moe.experts.c_proj.weight");  // (E, C, F)
             std::set<std::set<int>> sets;
             for (int e = 0; e < E; e++) {
                 std::set<int> rows, cols;
@@ -396,7 +408,8 @@ TEST_CASE("upcycle: bad input is one error line, exit 1, and no output file") {
                  {"model.moe.expert_ff", "24", "64"});
     expect_error(with("c4.yaml", yaml(fx.dir, "experts: 6, top_k: 2, expert_ff: 16")) + " --method granular",
                  {"model.moe.experts", "multiple of 4"});
-    expect_error(with("c5.yaml", yaml(fx.dir, "experts: 4, top_k: 2, expert_ff: 32")), {"model.moe.expert_ff", "d_ff = 64"});
+    expect_error(with("c5.yaml", yaml(fx.dir, "experts: 4, top_k: 2, expert_ff: 32")),
+                 {"model.moe.expert_ff", "d_ff = 64"});
     expect_error(with("c6.yaml", yaml(fx.dir, "experts: 4, top_k: 2, expert_ff: 64, activation: swiglu")),
                  {"model.moe.activation", "swiglu"});
     const std::string good = with("good.yaml", yaml(fx.dir, ok));
