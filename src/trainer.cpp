@@ -132,9 +132,11 @@ StepResult train_step(GPT& model, AdamW& adamw, DataLoader& train, const Config&
     const int B = tc.batch_size, T = cfg.model.seq_len;
     std::vector<MoeLayer*> moe = model.moe_layers();
     for (MoeLayer* m : moe) m->begin_step();
-    if (cfg.balance.aux_scope == "global" && cfg.balance.aux_loss > 0 && tc.grad_accum > 1 && !moe.empty()) {
-        // f_i must count the whole step before any micro-batch's backward: a counting pass over
-        // the same micro-batches with the same noise (data position and RNG restored after).
+    if (cfg.balance.aux_scope == "global" && cfg.balance.aux_loss > 0 && !moe.empty() &&
+        (tc.grad_accum > 1 || Dist::get().world > 1)) {
+        // f_i must count the whole step (every micro-batch of every rank) before any backward: a
+        // counting pass over the same micro-batches with the same noise (data position and RNG
+        // restored after).
         DataLoader::Position pos = train.position();
         uint64_t rng_state = model.rng().state;
         for (MoeLayer* m : moe) { m->set_counting(true); m->set_global_counts({}); }
