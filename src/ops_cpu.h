@@ -2,7 +2,13 @@
    inputs, then sizes. Each op has a forward and a backward; backward functions ACCUMULATE
    (+=) into every gradient they write, so callers zero the gradient buffers once per step
    and tied or multiply-used tensors just add up. A gradient pointer may be nullptr to skip it.
-   These are the reference for the CUDA kernels and are checked by finite differences. */
+   These are the reference for the CUDA kernels and are checked by finite differences.
+   Further contract points a CUDA twin must keep:
+   - attention_forward writes defined zeros into the masked (future) entries of preatt/att, and
+     attention_backward overwrites all of its dpreatt/datt scratch (no zeroing needed);
+   - crossentropy_softmax_forward accepts probs == nullptr (loss only), layernorm_forward
+     accepts nullptr mean/rstd; a backward whose only gradient is nullptr returns at once;
+   - token ids are not range-checked here: the data loader and GPT::forward guarantee inp < V. */
 #pragma once
 #include <cstddef>
 
