@@ -9,4 +9,5 @@ void register_eval_command(CLI::App& app);
 void register_data_commands(CLI::App& app);
 void register_upcycle_command(CLI::App& app);
 void register_bench_command(CLI::App& app);
+void register_plan_command(CLI::App& app);
 }  // namespace moe

@@ -31,6 +31,7 @@ static int run(int argc, char** argv) {
     moe::register_upcycle_command(app);
     moe::register_data_commands(app);
     moe::register_bench_command(app);
+    moe::register_plan_command(app);
     try {
         app.parse(argc, argv);
     } catch (const CLI::CallForHelp& e) {

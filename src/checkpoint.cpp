@@ -73,6 +73,10 @@ struct Entry {
 }  // namespace
 
 int64_t TensorData::numel() const {
+    // a zero dimension first: [2^40, 2^40, 0] is a valid empty tensor whose running product
+    // would overflow (fuzzing found it; the loader bounds every non-empty shape by the file size)
+    for (int64_t d : shape)
+        if (d == 0) return 0;
     int64_t n = 1;
     for (int64_t d : shape) n *= d;
     return n;

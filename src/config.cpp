@@ -393,6 +393,9 @@ struct Loader {
         at_least("balance.importance_loss", b.importance_loss, 0.0);
         at_least("balance.load_loss", b.load_loss, 0.0);
         at_least("balance.bias_rate", b.bias_rate, 0.0);
+        // before the MoE rules below divide by it (fuzzing found `--set dist.expert_parallel=0`
+        // on an MoE config dividing by zero: SIGFPE instead of this error)
+        at_least("dist.expert_parallel", cfg.dist.expert_parallel, 1);
 
         if (e.enabled) {
             need(e.experts % r.groups == 0, "router.groups",
@@ -464,7 +467,6 @@ struct Loader {
         at_least("train.threads", t.threads, 0);
         need(!cfg.data.train.empty(), "data.train", "must not be empty");
         need(!cfg.data.val.empty(), "data.val", "must not be empty");
-        at_least("dist.expert_parallel", cfg.dist.expert_parallel, 1);
     }
 };
 

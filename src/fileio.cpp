@@ -70,6 +70,9 @@ void make_dirs(const std::string& dir) {
     std::string cur;
     for (size_t i = 0; i <= dir.size(); i++) {
         if (i == dir.size() || dir[i] == '/') {
+            struct stat st;
+            if (!cur.empty() && stat(cur.c_str(), &st) == 0 && !S_ISDIR(st.st_mode))
+                fail("cannot create directory {} (a file of that name is in the way)", cur);
             if (!cur.empty() && !file_exists(cur) && mkdir(cur.c_str(), 0755) != 0 && errno != EEXIST)
                 fail("cannot create directory {} ({})", cur, std::strerror(errno));
         }

@@ -19,6 +19,7 @@
 #include <cmath>
 #include <fstream>
 #include <limits>
+#include <map>
 #include <sys/stat.h>
 #include <thread>
 
@@ -267,4 +268,111 @@ TEST_CASE("signals: SIGINT exits 130 with a checkpoint; a finished run is not af
     CHECK(file_exists(checkpoint_path(dir / "run", n)));
     CHECK(file_exists(state_path_for(checkpoint_path(dir / "run", n))));
     CHECK(find_latest_checkpoint(dir / "run", true) == checkpoint_path(dir / "run", n));
+}
+
+// ------------------------------------------------------------------------------------------------
+// regressions: inputs the fuzzers found (tests/fuzz/corpus/<target>/ keeps each one as a seed)
+
+TEST_CASE("fuzz regression: a zero dimension beside huge ones is an empty tensor, not an overflow") {
+    // fuzz_safetensors: TensorData::numel() multiplied 2^40 * 2^40 before reaching the 0 (UBSan:
+    // signed overflow); the loader itself had already accepted the shape as 0 bytes
+    const std::string header = R"({"z":{"dtype":"F32","shape":[1099511627776,1099511627776,0],"data_offsets":[0,0]}})";
+    std::string bytes(8, '\0');
+    bytes[0] = (char)header.size();
+    bytes += header;
+    SafeTensors st = parse_safetensors(bytes, "zero.safetensors");
+    const TensorData& z = st.get("z", {1099511627776, 1099511627776, 0});
+    CHECK(z.numel() == 0);
+    CHECK(z.f32().empty());
+    CHECK_THROWS_AS(z.i32(), Error);
+}
+
+TEST_CASE("fuzz regression: dist.expert_parallel = 0 on an MoE model is an error, not SIGFPE") {
+    // fuzz_set: validate() computed model.moe.experts % dist.expert_parallel before checking
+    // dist.expert_parallel >= 1 (integer division by zero)
+    const std::string moe = "model: {moe: {experts: 4, top_k: 2}}\n";
+    CHECK_THROWS_WITH_AS(parse_config(moe, "m.yaml", {"dist.expert_parallel=0"}),
+                         "dist.expert_parallel: must be >= 1, got 0 (--set dist.expert_parallel=0)", Error);
+    CHECK_THROWS_WITH_AS(parse_config(moe + "dist: {expert_parallel: -2}\n", "m.yaml"),
+                         "dist.expert_parallel: must be >= 1, got -2 (m.yaml:2)", Error);
+    TempDir dir;
+    write_text(dir / "m.yaml", moe);
+    std::string out = expect_error(moe_bin() + " train " + (dir / "m.yaml") + " --set dist.expert_parallel=0");
+    CHECK(out.find("dist.expert_parallel: must be >= 1") != std::string::npos);
+}
+
+// ------------------------------------------------------------------------------------------------
+// error paths of the CLI: one `error:` line, exit 1, files left as they were, no temp file
+
+namespace {
+
+// Every regular file under dir (recursively) with its bytes, for before/after comparisons.
+std::map<std::string, std::string> snapshot(const std::string& dir) {
+    std::map<std::string, std::string> files;
+    for (const std::string& n : list_dir(dir)) {
+        const std::string p = dir + "/" + n;
+        struct stat st;
+        if (stat(p.c_str(), &st) != 0) continue;
+        if (S_ISDIR(st.st_mode)) {
+            for (auto& [k, v] : snapshot(p)) files[n + "/" + k] = v;
+        } else {
+            files[n] = file_bytes(p);
+        }
+    }
+    return files;
+}
+
+}  // namespace
+
+TEST_CASE("errors: every CLI error path exits 1 with one error line and leaves every file as it was") {
+    TempDir dir;
+    write_tiny_corpus(dir.path, 64, 4000, 1000);
+    write_text(dir / "c.yaml", tiny_yaml(dir, 4, "ckpt_every: 2"));
+    REQUIRE(run(moe_bin() + " train " + (dir / "c.yaml")).status == 0);
+    REQUIRE(run(moe_bin() + " train " + (dir / "c.yaml") + " --set model.moe.experts=4 --set model.moe.expert_ff=16 "
+                "--set train.steps=1 --set train.out_dir=" + (dir / "moerun")).status == 0);
+    REQUIRE(mkdir((dir / "adir").c_str(), 0755) == 0);
+    // a directory where a checkpoint's state file goes: its rename fails after the temp file is written
+    REQUIRE(run("mkdir -p '" + (dir / "blocked/model_00000002.state.safetensors") + "'").status == 0);
+    const std::string ckpt = checkpoint_path(dir / "run", 2), state = state_path_for(ckpt);
+    const std::string train = moe_bin() + " train " + (dir / "c.yaml");
+
+    struct Case { std::string cmd, expect; };
+    const std::vector<Case> cases = {
+        {moe_bin() + " train " + (dir / "adir"), "cannot read config"},
+        {train + " --set train.out_dir=" + (dir / "c.yaml"), "a file of that name is in the way"},
+        {train + " --set train.out_dir=" + (dir / "c.yaml/sub"), "a file of that name is in the way"},
+        {train + " --resume " + (dir / "nothere"), "checkpoint not found"},
+        {train + " --resume " + state, "has no training state beside it"},
+        {train + " --resume latest", "nothing to do"},
+        {train + " --set train.init_from=" + (dir / "c.yaml"), "train.init_from: corrupt checkpoint"},
+        {train + " --set train.out_dir=" + (dir / "blocked"), "cannot rename"},
+        {train + " --set train.nonfinite=sometimes", "train.nonfinite: expected one of stop | skip"},
+        {moe_bin() + " eval --ckpt " + state, "not a moe checkpoint file"},
+        {moe_bin() + " eval --ckpt " + (dir / "adir"), "no checkpoint in directory"},
+        {moe_bin() + " eval --ckpt " + ckpt + " --batches 100000", "--batches"},
+        {moe_bin() + " eval --ckpt " + ckpt + " --data " + (dir / "nomatch*"), "no files match"},
+        {moe_bin() + " eval --ckpt " + (dir / "moerun") + " --svg " + (dir / "nodir/x.svg"), "cannot write --svg file"},
+        {moe_bin() + " eval --ckpt " + (dir / "moerun") + " --svg " + (dir / "adir"), "cannot rename"},
+        {moe_bin() + " data synth --out " + (dir / "c.yaml"), "is not a directory"},
+        {moe_bin() + " data text --in " + (dir / "adir") + " --out " + (dir / "t"), "cannot read"},
+    };
+    for (const Case& c : cases) {
+        const auto before = snapshot(dir.path);
+        std::string out = expect_error(c.cmd);
+        CHECK_MESSAGE(out.find(c.expect) != std::string::npos, c.cmd << " should say " << c.expect);
+        size_t errors = 0;
+        for (size_t p = 0; (p = out.find("error: ", p)) != std::string::npos; p++) errors++;
+        CHECK_MESSAGE(errors == 1, c.cmd);
+        auto after = snapshot(dir.path);
+        after.erase("run/metrics.jsonl");   // a log, appended to by a run that got going
+        auto expected = before;
+        expected.erase("run/metrics.jsonl");
+        for (auto it = after.begin(); it != after.end();) {  // what a failed run may create: its metrics log
+            if (!expected.count(it->first) && it->first.find("metrics.jsonl") != std::string::npos) it = after.erase(it);
+            else ++it;
+        }
+        CHECK_MESSAGE(after == expected, c.cmd);
+        for (const auto& [name, bytes] : after) CHECK_MESSAGE(name.find(".tmp.") == std::string::npos, c.cmd << ": " << name);
+    }
 }

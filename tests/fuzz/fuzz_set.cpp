@@ -1,4 +1,4 @@
-/* `--set key.path=value` overrides: each input line is one override, applied in order to a
+/* `--set key.path=value` overrides: each non-empty input line is one override, applied in order to a
    valid MoE config (as `moe train configs/x.yaml --set ...` does). Same round-trip invariant
    as fuzz_config. */
 #include "common.h"
@@ -27,7 +27,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     for (size_t begin = 0; begin <= text.size();) {
         size_t end = text.find('\n', begin);
         if (end == std::string::npos) end = text.size();
-        sets.push_back(text.substr(begin, end - begin));
+        // empty lines are separators (else every input ending in a newline would stop at a
+        // malformed empty override and never reach validation)
+        if (end > begin) sets.push_back(text.substr(begin, end - begin));
         begin = end + 1;
     }
     moe::Config cfg;

@@ -119,6 +119,75 @@ put("config", "dotted", "model.n_layer: 4\n")
 put("config", "list_top", "- model\n- train\n")
 put("config", "quoted", "train: {steps: \"10\", out_dir: 'a: b # c', seed: -5}\n")
 
+# every key once, as config_to_yaml prints a full MoE config (what a checkpoint stores)
+ALL_KEYS = """model:
+  vocab_size: 256
+  seq_len: 16
+  n_layer: 1
+  n_head: 2
+  d_model: 16
+  d_ff: 32
+  moe:
+    every: 1
+    first_dense: 0
+    experts: 4
+    top_k: 2
+    expert_ff: 256
+    activation: gelu
+    shared_experts: 0
+    shared_ff: 256
+router:
+  type: topk
+  score: softmax
+  normalize_topk: true
+  scale: 1.0
+  noise: none
+  jitter_eps: 0.01
+  groups: 1
+  topk_groups: 1
+  capacity_factor: 0.0
+  eval_capacity_factor: 0.0
+  drop_policy: probs
+  expert_choice_capacity: 1.0
+  soft_slots: 1
+  hash: random
+balance:
+  aux_loss: 0.0
+  aux_scope: micro_batch
+  z_loss: 0.0
+  importance_loss: 0.0
+  load_loss: 0.0
+  bias_rate: 0.0
+  bias_center: false
+train:
+  batch_size: 2
+  grad_accum: 1
+  steps: 1
+  lr: 0.003
+  min_lr: 0.0003
+  warmup: 1
+  weight_decay: 0.1
+  beta1: 0.9
+  beta2: 0.95
+  grad_clip: 1.0
+  seed: 1337
+  eval_every: 0
+  eval_batches: 1
+  ckpt_every: 2
+  out_dir: "moerun"
+  device: auto
+  dtype: fp32
+  threads: 1
+  init_from: ""
+  nonfinite: stop
+data:
+  train: "d/train_*.bin"
+  val: "d/val_*.bin"
+dist:
+  expert_parallel: 1
+"""
+put("config", "all_keys.yaml", ALL_KEYS)
+
 # ---- --set overrides: one per line, applied to a fixed MoE config
 put("set", "valid", "train.steps=50\nrouter.type=expert_choice\nrouter.capacity_factor=0\n"
                     "balance.aux_loss=0\nbalance.z_loss=0\nbalance.load_loss=0\nrouter.noise=none\n")
@@ -127,4 +196,15 @@ put("set", "bad_range", "model.moe.top_k=9\n")
 put("set", "malformed", "nonsense\n=5\nmodel=1\ntrain.lr=[1, 2\n")
 put("set", "nonfinite", "train.nonfinite=skip\ntrain.lr=1.0e-3\ntrain.seed=-1\n")
 put("set", "moe_from_dense", "model.moe.experts=4\nmodel.moe.top_k=1\nrouter.type=hash\n")
+# the same keys as overrides: key.path=value, one per line
+lines, stack = [], []
+for line in ALL_KEYS.splitlines():
+    depth = (len(line) - len(line.lstrip())) // 2
+    key, _, value = line.strip().partition(":")
+    stack[depth:] = [key]
+    if value.strip():
+        lines.append(".".join(stack) + "=" + value.strip())
+put("set", "all_keys", "\n".join(lines) + "\n")
+# crashes found by fuzzing, minimised (each also has a doctest in tests/test_hardening.cpp)
+put("set", "crash_expert_parallel_0", "dist.expert_parallel=0\n")   # division by zero in validate()
 print("wrote", ROOT)
