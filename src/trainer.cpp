@@ -113,8 +113,9 @@ void remove_stale_temp_files(const std::string& dir, bool quiet) {
     std::vector<std::string> stale;
     while (dirent* e = readdir(d)) {
         const std::string n = e->d_name;
-        const size_t at = n.rfind(".tmp.");
-        if (at == std::string::npos || at + 5 == n.size() || n.rfind(".safetensors", at) + 12 != at) continue;
+        // exactly "<name>.safetensors.tmp.<pid>", as AtomicFile names them
+        const size_t at = n.rfind(".tmp."), ext = n.rfind(".safetensors", at);
+        if (at == std::string::npos || at + 5 == n.size() || ext == std::string::npos || ext + 12 != at) continue;
         if (n.find_first_not_of("0123456789", at + 5) != std::string::npos || n.size() - at - 5 > 9) continue;
         const long pid = std::atol(n.c_str() + at + 5);
         if (pid > 0 && kill((pid_t)pid, 0) != 0 && errno == ESRCH) stale.push_back(dir + "/" + n);

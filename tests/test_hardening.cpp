@@ -22,6 +22,7 @@
 #include <map>
 #include <sys/stat.h>
 #include <thread>
+#include <unistd.h>
 
 using namespace moe;
 using namespace moe_test;
@@ -30,12 +31,12 @@ namespace {
 
 void write_text(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
 
-std::string tiny_yaml(const TempDir& dir, int steps, const std::string& train_extra = "") {
+std::string tiny_yaml(const TempDir& dir, int steps, int ckpt_every = 0, const std::string& train_extra = "") {
     return fmt::format(R"(model: {{vocab_size: 64, seq_len: 16, n_layer: 1, n_head: 2, d_model: 16, d_ff: 32}}
-train: {{batch_size: 2, steps: {}, warmup: 1, eval_every: 0, eval_batches: 1, ckpt_every: 0, out_dir: {},
+train: {{batch_size: 2, steps: {}, warmup: 1, eval_every: 0, eval_batches: 1, ckpt_every: {}, out_dir: {},
         threads: 1{}}}
 data: {{train: {}/train_*.bin, val: {}/val_*.bin}}
-)", steps, dir / "run", train_extra.empty() ? "" : ", " + train_extra, dir.path, dir.path);
+)", steps, ckpt_every, dir / "run", train_extra.empty() ? "" : ", " + train_extra, dir.path, dir.path);
 }
 
 std::string expect_error(const std::string& cmd, int status = 1) {
@@ -180,7 +181,7 @@ TEST_CASE("nonfinite: stop keeps the weights before the bad step, says so, exits
 TEST_CASE("nonfinite: skip drops the update, counts it in the step line and metrics.jsonl") {
     TempDir dir;
     write_tiny_corpus(dir.path, 64, 4000, 1000);
-    write_text(dir / "c.yaml", tiny_yaml(dir, 6, "nonfinite: skip, ckpt_every: 1"));
+    write_text(dir / "c.yaml", tiny_yaml(dir, 6, 1, "nonfinite: skip"));
     RunResult r = run("MOE_INJECT_INF_STEP=3 " + moe_bin() + " train " + (dir / "c.yaml"));
     INFO(r.output);
     REQUIRE(r.status == 0);
@@ -327,7 +328,7 @@ std::map<std::string, std::string> snapshot(const std::string& dir) {
 TEST_CASE("errors: every CLI error path exits 1 with one error line and leaves every file as it was") {
     TempDir dir;
     write_tiny_corpus(dir.path, 64, 4000, 1000);
-    write_text(dir / "c.yaml", tiny_yaml(dir, 4, "ckpt_every: 2"));
+    write_text(dir / "c.yaml", tiny_yaml(dir, 4, 2));
     REQUIRE(run(moe_bin() + " train " + (dir / "c.yaml")).status == 0);
     REQUIRE(run(moe_bin() + " train " + (dir / "c.yaml") + " --set model.moe.experts=4 --set model.moe.expert_ff=16 "
                 "--set train.steps=1 --set train.out_dir=" + (dir / "moerun")).status == 0);
@@ -375,4 +376,24 @@ TEST_CASE("errors: every CLI error path exits 1 with one error line and leaves e
         CHECK_MESSAGE(after == expected, c.cmd);
         for (const auto& [name, bytes] : after) CHECK_MESSAGE(name.find(".tmp.") == std::string::npos, c.cmd << ": " << name);
     }
+}
+
+TEST_CASE("crash: a new run removes the temp files of dead writers only") {
+    TempDir dir;
+    write_tiny_corpus(dir.path, 64, 4000, 1000);
+    write_text(dir / "c.yaml", tiny_yaml(dir, 2));
+    REQUIRE(mkdir((dir / "run").c_str(), 0755) == 0);
+    pid_t dead = spawn_shell("true");
+    REQUIRE(wait_status(dead) == 0);
+    const std::string stale = dir / "run" + fmt::format("/model_00000001.safetensors.tmp.{}", dead);
+    const std::string live = dir / "run" + fmt::format("/model_00000001.safetensors.tmp.{}", getpid());
+    const std::string other = dir / "run/notes.tmp.1";
+    for (const std::string& p : {stale, live, other}) write_text(p, "partial");
+    RunResult r = run(moe_bin() + " train " + (dir / "c.yaml"));
+    INFO(r.output);
+    REQUIRE(r.status == 0);
+    CHECK(r.output.find("removed " + stale) != std::string::npos);
+    CHECK(!file_exists(stale));
+    CHECK(file_exists(live));    // its writer (this test process) is alive
+    CHECK(file_exists(other));   // not a name AtomicFile gives
 }
