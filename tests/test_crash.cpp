@@ -61,8 +61,10 @@ TEST_CASE("crash: SIGKILL at random moments; --resume latest always continues fr
     auto t0 = Clock::now();
     RunResult full = run(train);
     const double full_s = std::chrono::duration<double>(Clock::now() - t0).count();
-    INFO(full.output);
-    REQUIRE(full.status == 0);
+    {
+        INFO(full.output);
+        REQUIRE(full.status == 0);
+    }
 
     std::mt19937 rng(20240520);
     const auto deadline = Clock::now() + std::chrono::seconds(120);
