@@ -22,15 +22,6 @@ using namespace moe_test;
 
 namespace {
 
-double rel_err(const float* ours, const std::vector<float>& ref) {
-    double maxdiff = 0.0, scale = 0.0;
-    for (size_t i = 0; i < ref.size(); i++) {
-        maxdiff = std::max(maxdiff, (double)std::fabs(ours[i] - ref[i]));
-        scale = std::max(scale, (double)std::fabs(ref[i]));
-    }
-    return scale > 0 ? maxdiff / scale : maxdiff;
-}
-
 struct OracleRun {
     SafeTensors out;
 };

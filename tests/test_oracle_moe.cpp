@@ -24,15 +24,6 @@ using namespace moe_test;
 
 namespace {
 
-double rel_err(const float* ours, const std::vector<float>& ref) {
-    double maxdiff = 0.0, scale = 0.0;
-    for (size_t i = 0; i < ref.size(); i++) {
-        maxdiff = std::max(maxdiff, (double)std::fabs(ours[i] - ref[i]));
-        scale = std::max(scale, (double)std::fabs(ref[i]));
-    }
-    return scale > 0 ? maxdiff / scale : maxdiff;
-}
-
 bool close(double ours, double ref, double tol) { return std::fabs(ours - ref) <= tol * std::max(std::fabs(ref), 1e-6); }
 
 const char* kBase = R"(

@@ -2,7 +2,9 @@
 #pragma once
 #include "data.h"
 
+#include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -75,6 +77,17 @@ inline std::string file_bytes(const std::string& path) {
     while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) s.append(buf, n);
     std::fclose(f);
     return s;
+}
+
+// Oracle comparisons: max |ours - ref| relative to the reference tensor's largest magnitude
+// (element-wise relative error means nothing for gradients that are ~0).
+inline double rel_err(const float* ours, const std::vector<float>& ref) {
+    double maxdiff = 0.0, scale = 0.0;
+    for (size_t i = 0; i < ref.size(); i++) {
+        maxdiff = std::max(maxdiff, (double)std::fabs(ours[i] - ref[i]));
+        scale = std::max(scale, (double)std::fabs(ref[i]));
+    }
+    return scale > 0 ? maxdiff / scale : maxdiff;
 }
 
 }  // namespace moe_test
