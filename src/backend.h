@@ -9,6 +9,11 @@
 
 namespace moe {
 
+// One expert's rows of a grouped GEMM: rows [row0, row0 + rows) of the grouped input go through
+// expert `expert`. Blocks come from the dispatch plan (host data) and need not be in expert order
+// (expert parallel: by source rank, then local expert); blocks never overlap.
+struct GroupBlock { int expert, row0, rows; };
+
 struct Backend {
     virtual ~Backend() = default;
     virtual std::string name() const = 0;
@@ -57,6 +62,16 @@ struct Backend {
     virtual void swiglu_forward(float* out, const float* inp, size_t N, int F) = 0;
     virtual void swiglu_backward(float* dinp, const float* inp, const float* dout, size_t N, int F) = 0;
     virtual void mul_accumulate(float* out, const float* a, const float* b, size_t n) = 0;
+    // Grouped expert GEMM, one call for all experts of a layer: for each block, its rows of
+    // inp (rows, C) times expert e's weight^T, plus its bias: out (rows, OC). weight (E, OC, C),
+    // bias (E, OC) or null; blocks is a host array. Rows outside every block are not touched.
+    virtual void grouped_matmul_forward(float* out, const float* inp, const float* weight, const float* bias,
+                                        const GroupBlock* blocks, int nblocks, int C, int OC) = 0;
+    // dinp += dout W_e for each block's rows; dweight (E, OC, C) and dbias (E, OC) += per expert
+    // (either may be null).
+    virtual void grouped_matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout,
+                                         const float* inp, const float* weight, const GroupBlock* blocks,
+                                         int nblocks, int C, int OC) = 0;
 
     // optimizer ops
     // sum of squares of g (n floats), reduced in a fixed order so that runs are reproducible
@@ -68,5 +83,7 @@ struct Backend {
 };
 
 std::unique_ptr<Backend> make_cpu_backend(int threads);  // threads 0 = all cores
+// The CUDA backend on GPU `device` (cuda/backend_cuda.cu); builds without CUDA fail with an error.
+std::unique_ptr<Backend> make_cuda_backend(int device);
 
 }  // namespace moe

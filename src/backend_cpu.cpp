@@ -100,6 +100,15 @@ struct CpuBackend final : Backend {
         moe::mul_accumulate(out, a, b, n);
     }
 
+    void grouped_matmul_forward(float* out, const float* inp, const float* w, const float* b, const GroupBlock* blocks,
+                                int nblocks, int C, int OC) override {
+        moe::grouped_matmul_forward(out, inp, w, b, blocks, nblocks, C, OC);
+    }
+    void grouped_matmul_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp,
+                                 const float* w, const GroupBlock* blocks, int nblocks, int C, int OC) override {
+        moe::grouped_matmul_backward(dinp, dw, db, dout, inp, w, blocks, nblocks, C, OC);
+    }
+
     double sum_squares(const float* g, size_t n) override {
         const size_t chunk = 1 << 16;
         size_t nchunks = (n + chunk - 1) / chunk;

@@ -1,5 +1,7 @@
 /* Build information and the CPU-only answers of device.h (cuda/device.cu answers with CUDA). */
 #include "device.h"
+#include "backend.h"
+#include "common.h"
 
 #include <fmt/format.h>
 #include <omp.h>
@@ -10,6 +12,9 @@ namespace moe {
 bool cuda_built() { return false; }
 int cuda_device_count() { return 0; }
 std::string cuda_device_name(int) { return ""; }
+std::unique_ptr<Backend> make_cuda_backend(int) {
+    fail("train.device is cuda, but this build has no CUDA (nvcc was not found when it was built)");
+}
 #endif
 
 std::string build_info() {

@@ -111,11 +111,10 @@ private:
     void ffn_backward(float* dx, float* dW1, float* db1, float* dW2, float* db2, float* dh, float* dact,
                       const float* dy, const float* x, const float* h, const float* act, int rows,
                       const float* W1, const float* W2, int F);
-    struct Block { int expert, row0, rows; };
-    static std::vector<Block> plan_blocks(const std::vector<int>& offsets, int count);
-    void grouped_forward(const Expert& ex, const std::vector<Block>& blocks, const float* x, float* h, float* act,
+    static std::vector<GroupBlock> plan_blocks(const std::vector<int>& offsets, int count);
+    void grouped_forward(const Expert& ex, const std::vector<GroupBlock>& blocks, const float* x, float* h, float* act,
                          float* y, float* weights);
-    void grouped_backward(const Expert& ex, const std::vector<Block>& blocks, float* dx, const float* dy,
+    void grouped_backward(const Expert& ex, const std::vector<GroupBlock>& blocks, float* dx, const float* dy,
                           const float* x, const float* h, const float* act, int total_rows, float* weights,
                           float* grads);
     void exchange_forward(float* weights);            // expert parallel: all-to-all around the experts
@@ -154,7 +153,7 @@ private:
     float *dz_ = nullptr, *dpre_ = nullptr, *dxr_ = nullptr, *tmp_ = nullptr;
     // expert parallel: rows received from the EP group, their blocks and the exchange counts
     std::vector<int> send_rows_, recv_rows_;
-    std::vector<Block> remote_blocks_;
+    std::vector<GroupBlock> remote_blocks_;
     int remote_rows_ = 0, remote_cap_ = 0, scratch_rows_ = 0;
     std::vector<void*> remote_allocs_;
     float *rx_ = nullptr, *rh_ = nullptr, *ract_ = nullptr, *ry_ = nullptr, *rdy_ = nullptr, *rdx_ = nullptr;

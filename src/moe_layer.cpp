@@ -103,35 +103,43 @@ void MoeLayer::ffn_backward(float* dx, float* dW1, float* db1, float* dW2, float
 
 // Blocks of consecutive rows that one expert runs on: the plan's per-expert slices of the
 // dispatched rows (one process), or per (source rank, local expert) slices of the rows received
-// by all-to-all (expert parallel).
-std::vector<MoeLayer::Block> MoeLayer::plan_blocks(const std::vector<int>& off, int count) {
-    std::vector<Block> b;
+// by all-to-all (expert parallel). Either way the blocks tile rows [0, total) without gaps.
+std::vector<GroupBlock> MoeLayer::plan_blocks(const std::vector<int>& off, int count) {
+    std::vector<GroupBlock> b;
     for (int e = 0; e < count; e++) b.push_back({e, off[e], off[e + 1] - off[e]});
     return b;
 }
 
-void MoeLayer::grouped_forward(const Expert& ex, const std::vector<Block>& blocks, const float* x, float* h,
+static int total_rows(const std::vector<GroupBlock>& blocks) {
+    int n = 0;
+    for (const GroupBlock& b : blocks) n += b.rows;
+    return n;
+}
+
+// All experts at once: one grouped GEMM, one activation over every row, one grouped GEMM.
+void MoeLayer::grouped_forward(const Expert& ex, const std::vector<GroupBlock>& blocks, const float* x, float* h,
                                float* act, float* y, float* w) {
-    const size_t C = C_, F = ex.ff, Fh = swiglu_ ? 2 * F : F;
-    for (const Block& b : blocks) {
-        const size_t r0 = b.row0, e = b.expert;
-        ffn_forward(y + r0 * C, h + r0 * Fh, act + r0 * F, x + r0 * C, b.rows, P(w, ex.fc_w) + e * Fh * C,
-                    P(w, ex.fc_b) + e * Fh, P(w, ex.proj_w) + e * C * F, P(w, ex.proj_b) + e * C, (int)F);
-    }
+    const int rows = total_rows(blocks), F = ex.ff, Fh = swiglu_ ? 2 * F : F;
+    if (rows == 0) return;
+    be_.grouped_matmul_forward(h, x, P(w, ex.fc_w), P(w, ex.fc_b), blocks.data(), (int)blocks.size(), C_, Fh);
+    if (swiglu_) be_.swiglu_forward(act, h, rows, F);                            // (rows, F)
+    else be_.gelu_forward(act, h, (size_t)rows * F);
+    be_.grouped_matmul_forward(y, act, P(w, ex.proj_w), P(w, ex.proj_b), blocks.data(), (int)blocks.size(), F, C_);
 }
 
 // dx (rows of the blocks) is overwritten; expert gradients accumulate.
-void MoeLayer::grouped_backward(const Expert& ex, const std::vector<Block>& blocks, float* dx, const float* dy,
-                                const float* x, const float* h, const float* act, int total_rows, float* w, float* g) {
-    const size_t C = C_, F = ex.ff, Fh = swiglu_ ? 2 * F : F;
-    be_.zero(dx, (size_t)total_rows * C * sizeof(float));
-    for (const Block& b : blocks) {
-        const size_t r0 = b.row0, e = b.expert;
-        ffn_backward(dx + r0 * C, P(g, ex.fc_w) + e * Fh * C, P(g, ex.fc_b) + e * Fh, P(g, ex.proj_w) + e * C * F,
-                     P(g, ex.proj_b) + e * C, dh_ + r0 * Fh, dact_ + r0 * F, dy + r0 * C, x + r0 * C,
-                     h + r0 * Fh, act + r0 * F, b.rows, P(w, ex.fc_w) + e * Fh * C, P(w, ex.proj_w) + e * C * F,
-                     (int)F);
-    }
+void MoeLayer::grouped_backward(const Expert& ex, const std::vector<GroupBlock>& blocks, float* dx, const float* dy,
+                                const float* x, const float* h, const float* act, int rows, float* w, float* g) {
+    const int F = ex.ff, Fh = swiglu_ ? 2 * F : F, nb = (int)blocks.size();
+    be_.zero(dx, (size_t)rows * C_ * sizeof(float));
+    if (rows == 0) return;
+    be_.zero(dact_, (size_t)rows * F * sizeof(float));
+    be_.grouped_matmul_backward(dact_, P(g, ex.proj_w), P(g, ex.proj_b), dy, act, P(w, ex.proj_w), blocks.data(), nb,
+                                F, C_);                                           // dact (rows, F)
+    be_.zero(dh_, (size_t)rows * Fh * sizeof(float));
+    if (swiglu_) be_.swiglu_backward(dh_, h, dact_, rows, F);                     // dh (rows, Fh)
+    else be_.gelu_backward(dh_, h, dact_, (size_t)rows * F);
+    be_.grouped_matmul_backward(dx, P(g, ex.fc_w), P(g, ex.fc_b), dh_, x, P(w, ex.fc_w), blocks.data(), nb, C_, Fh);
 }
 
 // Expert parallel: the plan's rows are grouped by expert, so the rows for EP rank r (experts

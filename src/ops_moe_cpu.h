@@ -4,6 +4,7 @@
    backward run over tokens through the plan's token CSR, so no two threads write one row. */
 #pragma once
 #include <cstddef>
+#include "backend.h"
 
 namespace moe {
 
@@ -33,5 +34,14 @@ void swiglu_backward(float* dinp,                      // (N, 2F), accumulated
                      const float* inp, const float* dout, size_t N, int F);
 
 void mul_accumulate(float* out, const float* a, const float* b, size_t n);  // out += a * b
+// Grouped expert GEMM (contract in backend.h): out rows of each block = inp rows . W_e^T + b_e.
+void grouped_matmul_forward(float* out,                 // (rows, OC)
+                            const float* inp,           // (rows, C)
+                            const float* weight,        // (E, OC, C)
+                            const float* bias,          // (E, OC) or null
+                            const GroupBlock* blocks, int nblocks, int C, int OC);
+void grouped_matmul_backward(float* dinp, float* dweight, float* dbias,  // (rows, C) (E, OC, C) (E, OC), +=
+                             const float* dout, const float* inp, const float* weight,
+                             const GroupBlock* blocks, int nblocks, int C, int OC);
 
 }  // namespace moe
