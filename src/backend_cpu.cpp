@@ -1,6 +1,5 @@
-/* The CPU backend: host memory, ops from ops_cpu.cpp, AdamW and reductions with OpenMP.
-   Reductions use fixed per-chunk partial sums so a run is bit-reproducible for a given
-   thread count (resume depends on it). */
+/* The CPU backend: host memory and the ops of ops_cpu.cpp / ops_moe_cpu.cpp behind the Backend
+   table. Every op gives the same bits for any thread count (resume depends on it). */
 #include "backend.h"
 #include "ops_cpu.h"
 #include "ops_moe_cpu.h"
@@ -109,36 +108,14 @@ struct CpuBackend final : Backend {
         moe::grouped_matmul_backward(dinp, dw, db, dout, inp, w, blocks, nblocks, C, OC);
     }
 
-    double sum_squares(const float* g, size_t n) override {
-        const size_t chunk = 1 << 16;
-        size_t nchunks = (n + chunk - 1) / chunk;
-        std::vector<double> partial(nchunks, 0.0);
-        #pragma omp parallel for schedule(static)
-        for (size_t c = 0; c < nchunks; c++) {
-            double s = 0.0;
-            size_t end = std::min(n, (c + 1) * chunk);
-            for (size_t i = c * chunk; i < end; i++) s += (double)g[i] * g[i];
-            partial[c] = s;
-        }
-        double total = 0.0;
-        for (double p : partial) total += p;
-        return total;
-    }
+    double sum_squares(const float* g, size_t n) override { return moe::sum_squares(g, n); }
     void scale(float* x, float s, size_t n) override {
-        #pragma omp parallel for schedule(static)
+        #pragma omp parallel for simd schedule(static)
         for (size_t i = 0; i < n; i++) x[i] *= s;
     }
     void adamw_update(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1, float beta2,
                       float eps, float wd, int t) override {
-        float bc1 = 1.0f - std::pow(beta1, (float)t), bc2 = 1.0f - std::pow(beta2, (float)t);
-        #pragma omp parallel for schedule(static)
-        for (size_t i = 0; i < n; i++) {
-            float mi = beta1 * m[i] + (1.0f - beta1) * g[i];
-            float vi = beta2 * v[i] + (1.0f - beta2) * g[i] * g[i];
-            m[i] = mi; v[i] = vi;
-            // decoupled weight decay applied to the pre-update weight, as torch.optim.AdamW does
-            p[i] -= lr * ((mi / bc1) / (std::sqrt(vi / bc2) + eps) + wd * p[i]);
-        }
+        moe::adamw_update(p, g, m, v, n, lr, beta1, beta2, eps, wd, t);
     }
 };
 

@@ -204,7 +204,7 @@ void GPT::backward(float dloss_scale) {
     if (!a.B) fail("backward() called before forward()");
     const ModelConfig& mc = cfg_.model;
     const int B = a.B, T = a.T, C = mc.d_model, F = mc.d_ff, V = mc.vocab_size, NH = mc.n_head, N = B * T;
-    const size_t NC = (size_t)N * C, att_bytes = (size_t)B * NH * T * T * sizeof(float);
+    const size_t NC = (size_t)N * C;
 
     be_.zero(a.dlogits, (size_t)N * V * sizeof(float));
     be_.crossentropy_softmax_backward(a.dlogits, a.probs, a.targets, dloss_scale / N, N, V);
@@ -234,8 +234,6 @@ void GPT::backward(float dloss_scale) {
         be_.zero(a.dproj_in, NC * sizeof(float));
         be_.matmul_backward(a.dproj_in, g(p.attprojw), g(p.attprojb), a.dresidual, a.atty[l], w(p.attprojw), N, C, C);
         be_.zero(a.dhidden, NC * 3 * sizeof(float));
-        be_.zero(a.dpreatt, att_bytes);
-        be_.zero(a.datt, att_bytes);
         be_.attention_backward(a.dhidden, a.dpreatt, a.datt, a.dproj_in, a.qkv[l], a.att[l], B, T, C, NH);
         be_.zero(a.dln, NC * sizeof(float));
         be_.matmul_backward(a.dln, g(p.qkvw), g(p.qkvb), a.dhidden, a.ln1[l], w(p.qkvw), N, C, 3 * C);

@@ -4,8 +4,8 @@
    - the three matmuls (forward, dinp, dweight) share one cache-blocked GEMM with a register-
      tiled micro-kernel written with GCC vector extensions, so it compiles to FMA on whatever
      -march gives (AVX-512, AVX2, or plain SSE as a fallback);
-   - exp is a branch-free polynomial (exp_fast) that vectorises; glibc's expf/tanhf do not
-     without -ffast-math, and GELU, softmax and cross-entropy call it once per element.
+   - exp is a branch-free polynomial (exp_fast) with a vector form; glibc's expf/tanhf do not
+     vectorise without -ffast-math, and GELU, softmax and cross-entropy call it once per element.
    Every parallel loop splits work so that each output element is written by exactly one
    thread in a fixed order: results are bitwise independent of the number of threads. */
 #include "ops_cpu.h"
@@ -72,6 +72,57 @@ constexpr int VL = 4, MR = 4, NV = 2;   // 4 x 8: 8 of the 16 xmm registers accu
 typedef float vec __attribute__((vector_size(VL * 4)));
 typedef float vecu __attribute__((vector_size(VL * 4), aligned(4), may_alias));  // unaligned
 constexpr int NR = VL * NV;
+// ----------------------------------------------------------------------------------------
+// Vector forms of exp_fast: GCC does not vectorise the scalar one (its clamps and bit tricks
+// become branches), and GELU, softmax and cross-entropy spend their time in it. Each lane does
+// exactly the scalar operations; callers walk arrays in VL-wide chunks from the start with the
+// scalar function on the tail, so a result never depends on the thread count.
+typedef int32_t ivec __attribute__((vector_size(VL * 4)));
+
+inline vec vload(const float* p) { return *(const vecu*)p; }
+inline void vstore(float* p, vec v) { *(vecu*)p = v; }
+inline vec vsplat(float x) { return vec{} + x; }
+inline float hsum(vec v) {
+    float s = 0.0f;
+    for (int i = 0; i < VL; i++) s += v[i];
+    return s;
+}
+
+inline vec exp_fast(vec x) {
+    const vec lo = vsplat(-87.0f), hi = vsplat(88.0f);
+    const vec xc = x < lo ? lo : (x > hi ? hi : x);
+    const vec n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    vec r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    vec p = vsplat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+    return x < lo ? vec{} : p * (vec)bits;
+}
+
+// out[i] = exp(in[i] - shift) for i < n; returns their sum (lane sums, then the tail)
+inline float exp_shift_sum(float* out, const float* in, float shift, int n) {
+    vec acc{};
+    int i = 0;
+    for (; i + VL <= n; i += VL) {
+        const vec e = exp_fast(vload(in + i) - shift);
+        if (out) vstore(out + i, e);
+        acc += e;
+    }
+    float sum = hsum(acc);
+    for (; i < n; i++) {
+        const float e = exp_fast(in[i] - shift);
+        if (out) out[i] = e;
+        sum += e;
+    }
+    return sum;
+}
+
 constexpr int KC = 256;            // K slice: KC*NR floats of B (32 KB with AVX-512) fit L1
 constexpr int kMaxTiles = 16;      // at most 16*MR rows of A per task (stays in L2)
 constexpr int kPanelsPerTask = 8;  // at most 8*NR columns of C per task
@@ -409,12 +460,7 @@ void attention_forward(float* out, float* preatt, float* att, const float* qkv,
                     float maxv = -INFINITY;
 #pragma omp simd reduction(max : maxv)
                     for (int t2 = 0; t2 <= t; t2++) maxv = std::max(maxv, pr[t2]);
-                    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-                    for (int t2 = 0; t2 <= t; t2++) {
-                        ar[t2] = exp_fast(pr[t2] - maxv);
-                        sum += ar[t2];
-                    }
+                    const float sum = exp_shift_sum(ar, pr, maxv, t + 1);
                     const float inv = 1.0f / sum;
                     for (int t2 = 0; t2 <= t; t2++) ar[t2] *= inv;
                     for (int t2 = t + 1; t2 < T; t2++) pr[t2] = ar[t2] = 0.0f;
@@ -485,27 +531,37 @@ void attention_backward(float* dqkv, float* dpreatt, float* datt, const float* d
 // Since 0.5 (1 + tanh(u)) = sigmoid(2u) = 1 / (1 + e), e = exp(-2u), we compute x / (1 + e):
 // same function, one exp, no cancellation near tanh = -1, and d/du sigmoid(2u) = 2 e s^2.
 
+// VL elements at a time (scalar tail), chunks split across threads: the same lanes always
+// take the same path, whatever the thread count.
+template <class V> inline V gelu_of(V x) {
+    const V u = kGeluScale * (x + kGeluCubic * x * x * x);
+    return x / (1.0f + exp_fast(-2.0f * u));
+}
+template <class V> inline V gelu_grad(V x, V dout) {
+    const V u = kGeluScale * (x + kGeluCubic * x * x * x);
+    const V e = exp_fast(-2.0f * u);
+    const V s = 1.0f / (1.0f + e);
+    const V du = kGeluScale * (1.0f + 3.0f * kGeluCubic * x * x);
+    const V ds = 2.0f * (e * s) * s;  // e*s = 1 - s <= 1: no overflow for huge e
+    return (s + x * ds * du) * dout;
+}
+
 void gelu_forward(float* out, const float* inp, size_t N) {
-#pragma omp parallel for simd schedule(static)
-    for (size_t i = 0; i < N; i++) {
-        const float x = inp[i];
-        const float u = kGeluScale * (x + kGeluCubic * x * x * x);
-        out[i] = x / (1.0f + exp_fast(-2.0f * u));
-    }
+    const size_t nv = N / VL;
+#pragma omp parallel for schedule(static)
+    for (size_t c = 0; c < nv; c++) vstore(out + c * VL, gelu_of(vload(inp + c * VL)));
+    for (size_t i = nv * VL; i < N; i++) out[i] = gelu_of(inp[i]);
 }
 
 void gelu_backward(float* dinp, const float* inp, const float* dout, size_t N) {
     if (!dinp) return;
-#pragma omp parallel for simd schedule(static)
-    for (size_t i = 0; i < N; i++) {
-        const float x = inp[i];
-        const float u = kGeluScale * (x + kGeluCubic * x * x * x);
-        const float e = exp_fast(-2.0f * u);
-        const float s = 1.0f / (1.0f + e);
-        const float du = kGeluScale * (1.0f + 3.0f * kGeluCubic * x * x);
-        const float ds = 2.0f * (e * s) * s;  // e*s = 1 - s <= 1: no overflow for huge e
-        dinp[i] += (s + x * ds * du) * dout[i];
+    const size_t nv = N / VL;
+#pragma omp parallel for schedule(static)
+    for (size_t c = 0; c < nv; c++) {
+        const size_t i = c * VL;
+        vstore(dinp + i, vload(dinp + i) + gelu_grad(vload(inp + i), vload(dout + i)));
     }
+    for (size_t i = nv * VL; i < N; i++) dinp[i] += gelu_grad(inp[i], dout[i]);
 }
 
 // ----------------------------------------------------------------------------------------
@@ -535,19 +591,11 @@ void crossentropy_softmax_forward(float* losses, float* probs, const float* logi
         float maxv = -INFINITY;
 #pragma omp simd reduction(max : maxv)
         for (int v = 0; v < V; v++) maxv = std::max(maxv, z[v]);
-        float sum = 0.0f;
-        if (probs) {
-            float* p = probs + (size_t)n * V;  // (V)
-#pragma omp simd reduction(+ : sum)
-            for (int v = 0; v < V; v++) {
-                p[v] = exp_fast(z[v] - maxv);
-                sum += p[v];
-            }
+        float* p = probs ? probs + (size_t)n * V : nullptr;  // (V); loss only (eval): no write
+        const float sum = exp_shift_sum(p, z, maxv, V);
+        if (p) {
             const float inv = 1.0f / sum;
             for (int v = 0; v < V; v++) p[v] *= inv;
-        } else {  // loss only (eval): no (N, V) write
-#pragma omp simd reduction(+ : sum)
-            for (int v = 0; v < V; v++) sum += exp_fast(z[v] - maxv);
         }
         // -log softmax[target] = log(sum) - (z[target] - max): finite even where the
         // probability underflows to 0
@@ -565,6 +613,49 @@ void crossentropy_softmax_backward(float* dlogits, const float* probs, const int
         const int tgt = targets[n];
         for (int v = 0; v < V; v++) g[v] += (p[v] - (v == tgt ? 1.0f : 0.0f)) * dloss;
     }
+}
+
+// ----------------------------------------------------------------------------------------
+// optimizer: AdamW and the gradient norm. Both must be vector code to be memory-bound: AdamW
+// says its pointers do not alias (and the build has -fno-math-errno, so sqrt vectorises); the
+// norm keeps VL double lanes per fixed chunk.
+
+void adamw_update(float* __restrict p, const float* __restrict g, float* __restrict m, float* __restrict v,
+                  size_t n, float lr, float beta1, float beta2, float eps, float wd, int t) {
+    const float bc1 = 1.0f - std::pow(beta1, (float)t), bc2 = 1.0f - std::pow(beta2, (float)t);
+#pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        const float mi = beta1 * m[i] + (1.0f - beta1) * g[i];
+        const float vi = beta2 * v[i] + (1.0f - beta2) * g[i] * g[i];
+        m[i] = mi;
+        v[i] = vi;
+        // decoupled weight decay applied to the pre-update weight, as torch.optim.AdamW does
+        p[i] -= lr * ((mi / bc1) / (std::sqrt(vi / bc2) + eps) + wd * p[i]);
+    }
+}
+
+double sum_squares(const float* g, size_t n) {
+    typedef double dvec __attribute__((vector_size(VL * 8)));
+    const size_t chunk = 1 << 16;  // a multiple of VL
+    const size_t nchunks = (n + chunk - 1) / chunk;
+    std::vector<double> partial(nchunks, 0.0);
+#pragma omp parallel for schedule(static)
+    for (size_t c = 0; c < nchunks; c++) {
+        const size_t begin = c * chunk, end = std::min(n, begin + chunk);
+        dvec acc{};
+        size_t i = begin;
+        for (; i + VL <= end; i += VL) {
+            const dvec x = __builtin_convertvector(vload(g + i), dvec);
+            acc += x * x;
+        }
+        double s = 0.0;
+        for (int l = 0; l < VL; l++) s += acc[l];
+        for (; i < end; i++) s += (double)g[i] * g[i];
+        partial[c] = s;
+    }
+    double total = 0.0;
+    for (double s : partial) total += s;
+    return total;
 }
 
 }  // namespace moe

@@ -47,7 +47,7 @@ void attention_forward(float* out,                          // (B, T, C)
                        const float* qkv,                    // (B, T, 3C)
                        int B, int T, int C, int NH);
 void attention_backward(float* dqkv,                        // (B, T, 3C)
-                        float* dpreatt, float* datt,        // (B, NH, T, T) scratch, zeroed by caller
+                        float* dpreatt, float* datt,        // (B, NH, T, T) scratch, overwritten
                         const float* dout, const float* qkv, const float* att,
                         int B, int T, int C, int NH);
 
@@ -66,5 +66,13 @@ void crossentropy_softmax_forward(float* losses,            // (N)
 // dlogits += (probs - onehot(target)) * dloss; dloss is d(total loss)/d(losses[i]) (e.g. 1/N).
 void crossentropy_softmax_backward(float* dlogits, const float* probs, const int* targets,
                                    float dloss, int N, int V);
+
+// AdamW on one tensor (torch.optim.AdamW): m, v updated; bias correction with step t (1-based);
+// decoupled weight decay on the pre-update weight.
+void adamw_update(float* param, const float* grad, float* m, float* v, size_t n,  // (n) each
+                  float lr, float beta1, float beta2, float eps, float weight_decay, int t);
+// sum of g[i]^2 in double, in a fixed order (fixed chunks, fixed lanes): the same bits for any
+// thread count.
+double sum_squares(const float* g, size_t n);
 
 }  // namespace moe
