@@ -31,6 +31,8 @@ CUDA_HOME ?= $(patsubst %/bin/nvcc,%,$(NVCC))
 NVCCFLAGS ?= -std=c++17 -O3 -lineinfo -Isrc -Icuda \
              -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
              -Xcompiler -fopenmp
+# warnings are errors in CUDA code (the device compiler's and the host compiler's, -Wall)
+NVCCFLAGS += -Werror all-warnings -Xcompiler -Wall,-Werror
 ifneq ($(NVCC),)
   CXXFLAGS += -DMOE_CUDA -I$(CUDA_HOME)/include
   LDLIBS   += -L$(CUDA_HOME)/lib64 -lcudart -Wl,-rpath,$(CUDA_HOME)/lib64

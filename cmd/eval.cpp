@@ -44,10 +44,14 @@ void register_eval_command(CLI::App& app) {
         if (a->batches == 0 || a->batches < -1) fail("--batches must be at least 1, got {} (--batches)", a->batches);
         if (!a->svg.empty()) check_writable_dir(a->svg, "--svg file");
         std::string path = resolve_checkpoint(a->ckpt, false);
-        std::unique_ptr<Backend> be = make_cpu_backend(0);
-        LoadedModel lm = load_model(path, *be);
-        Config cfg = lm.cfg;
-        if (!a->sets.empty()) cfg = parse_config(config_to_yaml(lm.cfg), path + " metadata", a->sets);
+        // the backend follows the checkpoint's train.device / train.dtype, after --set
+        std::unique_ptr<Backend> be;
+        Config cfg;
+        LoadedModel lm = load_model(path, [&](const Config& stored) -> Backend& {
+            cfg = a->sets.empty() ? stored : parse_config(config_to_yaml(stored), path + " metadata", a->sets);
+            be = make_backend_for_inference(cfg.train);
+            return *be;
+        });
         if (!a->svg.empty() && !cfg.model.moe.enabled) fail("--svg needs an MoE model; {} is dense (--svg)", path);
         int batches = a->batches > 0 ? a->batches : cfg.train.eval_batches;
         std::string glob = a->data.empty() ? cfg.data.val : a->data;

@@ -7,6 +7,7 @@
 #include "config.h"
 #include "llmc_import.h"
 #include "model_io.h"
+#include "trainer.h"
 #include "upcycle.h"
 
 #include <memory>
@@ -124,7 +125,7 @@ void register_upcycle_command(CLI::App& app) {
         o.noise = a->noise;
         o.seed = (uint64_t)(seed->count() ? a->seed : cfg.train.seed);
         DenseWeights dense = read_dense_weights(resolve_checkpoint(a->in, false));
-        std::unique_ptr<Backend> be = make_cpu_backend(cfg.train.threads);
+        std::unique_ptr<Backend> be = make_backend_for_inference(cfg.train);
         UpcycleResult r = upcycle(dense, cfg, o, *be, a->config);
         report(dense, cfg, o, r, a->config);
         save_model(a->out, *r.model, cfg, 0);

@@ -40,6 +40,11 @@ struct Backend {
                                 int N, int C, int OC) = 0;
     virtual void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
                                  const float* weight, int N, int C, int OC) = 0;
+    // Floats that each of attention's buffers preatt, att, dpreatt, datt must hold (GPT allocates
+    // them): the CPU keeps the (B, NH, T, T) scores and probabilities. The CUDA flash kernel never
+    // stores a (T, T) matrix: `att` holds the log-sum-exp of each score row and `datt` the
+    // backward's delta (rowsum of P * dP), (B, NH, T) each; preatt and dpreatt are unused there.
+    virtual size_t attention_buffer_floats(int B, int T, int NH) const { return (size_t)B * NH * T * T; }
     virtual void attention_forward(float* out, float* preatt, float* att, const float* qkv, int B, int T, int C, int NH) = 0;
     virtual void attention_backward(float* dqkv, float* dpreatt, float* datt, const float* dout, const float* qkv,
                                     const float* att, int B, int T, int C, int NH) = 0;
@@ -83,7 +88,8 @@ struct Backend {
 };
 
 std::unique_ptr<Backend> make_cpu_backend(int threads);  // threads 0 = all cores
-// The CUDA backend on GPU `device` (cuda/backend_cuda.cu); builds without CUDA fail with an error.
-std::unique_ptr<Backend> make_cuda_backend(int device);
+// The CUDA backend on GPU `device` (cuda/backend_cuda.cu): bf16 = tensor-core GEMMs with bf16
+// operands (train.dtype bf16), else fp32 everywhere. Builds without CUDA fail with an error.
+std::unique_ptr<Backend> make_cuda_backend(int device, bool bf16);
 
 }  // namespace moe

@@ -12,7 +12,7 @@ namespace moe {
 bool cuda_built() { return false; }
 int cuda_device_count() { return 0; }
 std::string cuda_device_name(int) { return ""; }
-std::unique_ptr<Backend> make_cuda_backend(int) {
+std::unique_ptr<Backend> make_cuda_backend(int, bool) {
     fail("train.device is cuda, but this build has no CUDA (nvcc was not found when it was built)");
 }
 #endif

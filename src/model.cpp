@@ -131,7 +131,7 @@ void GPT::ensure_activations(int B, int T) {
     if (acts_.B == B && acts_.T == T) return;
     free_activations();
     const size_t N = (size_t)B * T, C = cfg_.model.d_model, F = cfg_.model.d_ff, V = cfg_.model.vocab_size;
-    const size_t NH = cfg_.model.n_head, L = cfg_.model.n_layer, att = (size_t)B * NH * T * T;
+    const size_t NH = cfg_.model.n_head, L = cfg_.model.n_layer, att = be_.attention_buffer_floats(B, T, (int)NH);
     auto f = [&](size_t n) { float* p = be_.alloc(n); act_allocs_.push_back(p); return p; };
     auto per_layer = [&](std::vector<float*>& v, size_t n) { v.clear(); for (size_t l = 0; l < L; l++) v.push_back(f(n)); };
     Activations& a = acts_;

@@ -108,7 +108,7 @@ private:
         int B = 0, T = 0;
         float* encoded = nullptr;                  // (N, C)
         std::vector<float*> ln1, ln1_mean, ln1_rstd;   // (N, C), (N), (N) per layer
-        std::vector<float*> qkv, atty, preatt, att;    // (N, 3C), (N, C), (B, NH, T, T) x2
+        std::vector<float*> qkv, atty, preatt, att;    // (N, 3C), (N, C), Backend::attention_buffer_floats x2
         std::vector<float*> residual2;                 // (N, C) after attention
         std::vector<float*> ln2, ln2_mean, ln2_rstd;
         std::vector<float*> fch, fch_gelu;             // (N, F) dense FFN hidden (dense layers)
@@ -123,7 +123,7 @@ private:
         float* dln = nullptr;                      // (N, C)
         float* dproj_in = nullptr;                 // (N, max(F, C)) gradient into a projection's input
         float* dhidden = nullptr;                  // (N, max(F, 3C))
-        float* dpreatt = nullptr; float* datt = nullptr;  // (B, NH, T, T)
+        float* dpreatt = nullptr; float* datt = nullptr;  // Backend::attention_buffer_floats each
         float* dlogits = nullptr;                  // (N, V)
     } acts_;
     std::vector<void*> act_allocs_;

@@ -77,11 +77,15 @@ static int load_tensors(const SafeTensors& st, GPT& model) {
 }
 
 LoadedModel load_model(const std::string& path, Backend& be) {
+    return load_model(path, [&be](const Config&) -> Backend& { return be; });
+}
+
+LoadedModel load_model(const std::string& path, const std::function<Backend&(const Config&)>& backend_for) {
     SafeTensors st = load_safetensors(path);
     check_format(st, "moe-ckpt-1");
     LoadedModel out;
     out.cfg = parse_config(st.meta("config"), path + " metadata");
-    out.model = std::make_unique<GPT>(out.cfg, be);
+    out.model = std::make_unique<GPT>(out.cfg, backend_for(out.cfg));
     out.step = load_tensors(st, *out.model);
     return out;
 }

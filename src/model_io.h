@@ -5,6 +5,7 @@
 #include "data.h"
 #include "model.h"
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -26,6 +27,9 @@ struct LoadedModel {
 // Builds the model from the config stored in the checkpoint and loads every tensor (missing,
 // extra or misshapen tensors are errors naming the file).
 LoadedModel load_model(const std::string& path, Backend& be);
+// The same, with the backend chosen from the checkpoint's config: backend_for(cfg) runs once,
+// before the model is built, and returns a backend that outlives the model.
+LoadedModel load_model(const std::string& path, const std::function<Backend&(const Config&)>& backend_for);
 // Loads weights into an existing model whose config must match the checkpoint's shapes.
 int load_weights_into(const std::string& path, GPT& model);
 

@@ -5,14 +5,15 @@
 #include "plan.h"
 
 #include <algorithm>
+#include <cctype>
 
 namespace moe {
 
 const std::vector<GpuSpec>& gpu_specs() {
     static const std::vector<GpuSpec> specs = {
-        {"h100", "H100 SXM", 989, 80},
-        {"h200", "H200", 989, 141},
-        {"a100", "A100", 312, 80},
+        {"h100", "H100 SXM", 989, 80, 67},
+        {"h200", "H200", 989, 141, 67},
+        {"a100", "A100", 312, 80, 19.5},
     };
     return specs;
 }
@@ -20,6 +21,15 @@ const std::vector<GpuSpec>& gpu_specs() {
 const GpuSpec* find_gpu(const std::string& key) {
     for (const GpuSpec& g : gpu_specs())
         if (g.key == key) return &g;
+    return nullptr;
+}
+
+const GpuSpec* find_gpu_by_device_name(const std::string& cuda_name) {
+    for (const GpuSpec& g : gpu_specs()) {
+        std::string upper = g.key;
+        for (char& c : upper) c = (char)std::toupper((unsigned char)c);
+        if (cuda_name.find(upper) != std::string::npos) return &g;
+    }
     return nullptr;
 }
 

@@ -25,9 +25,12 @@ struct GpuSpec {
     std::string name;     // "H100 SXM"
     double peak_tflops;   // dense bf16, no sparsity
     double mem_gb;        // HBM per GPU, 1e9 bytes
+    double fp32_tflops;   // fp32 without tensor cores (the CUDA backend's fp32 mode)
 };
 const std::vector<GpuSpec>& gpu_specs();
 const GpuSpec* find_gpu(const std::string& key);   // nullptr when unknown
+// The spec of a CUDA device name ("NVIDIA H100 80GB HBM3" -> h100), nullptr when unknown.
+const GpuSpec* find_gpu_by_device_name(const std::string& cuda_name);
 
 // Parameter counts, exactly GPT::num_params()'s tensors (src/model.cpp, src/moe_layer.cpp).
 struct ParamCounts {

@@ -5,7 +5,9 @@
 #include "model_io.h"
 #include "moe_router.h"
 #include "optim.h"
+#include "device.h"
 #include "dist.h"
+#include "plan.h"
 #include "routing_report.h"
 #include "stats.h"
 
@@ -27,10 +29,36 @@ namespace moe {
 
 using Clock = std::chrono::steady_clock;
 
+// The GPU of this process: rank r of a distributed run takes GPU r mod count (one node, one rank per GPU).
+static int gpu_index() {
+    const int n = cuda_device_count();
+    return n > 0 ? Dist::get().rank % n : 0;
+}
+
 std::unique_ptr<Backend> make_backend(const TrainConfig& tc) {
-    if (tc.device == "cuda")
-        fail("train.device is cuda, but the CUDA backend is not part of this build yet (use cpu or auto)");
+    const int gpus = cuda_device_count();
+    if (tc.device == "cuda" && gpus == 0)
+        fail("train.device is cuda, but no CUDA GPU is visible ({})",
+             cuda_built() ? "the CUDA runtime reports no device" : "this build has no CUDA: nvcc was not found when it was built");
+    if (tc.device == "cuda" || (tc.device == "auto" && gpus > 0)) return make_cuda_backend(gpu_index(), tc.dtype == "bf16");
+    if (tc.dtype == "bf16")
+        fail("train.dtype is bf16, which needs the CUDA backend, but no CUDA GPU is visible (train.device is {})", tc.device);
     return make_cpu_backend(tc.threads);
+}
+
+std::unique_ptr<Backend> make_backend_for_inference(const TrainConfig& tc) {
+    TrainConfig t = tc;
+    if (t.device == "auto" && cuda_device_count() == 0) t.dtype = "fp32";
+    return make_backend(t);
+}
+
+// Model FLOPs utilisation of a step on the CUDA backend: the step's FLOPs (6N + attention, as
+// `moe plan` counts them: src/plan.cpp) over the GPU's peak for train.dtype (0 = unknown GPU).
+static double gpu_peak_flops(const Backend& be, const TrainConfig& tc) {
+    if (be.name() != "cuda") return 0.0;
+    const GpuSpec* g = find_gpu_by_device_name(cuda_device_name(gpu_index()));
+    if (!g) return 0.0;
+    return (tc.dtype == "bf16" ? g->peak_tflops : g->fp32_tflops) * 1e12;
 }
 
 float evaluate(GPT& model, DataLoader& val, int batches, const std::function<void(const int*, int)>& on_batch) {
@@ -320,8 +348,9 @@ TrainSummary train_loop(const Config& cfg, const TrainOptions& opt, Backend& bac
         fmt::print("data: {} train shard(s), {} tokens | {} val tokens | batch {} x {} x accum {}{} = {} tokens/step\n",
                    train.files().size(), human((double)train.total_tokens()), human((double)val.total_tokens()),
                    B, T, tc.grad_accum, dist.active() ? fmt::format(" x {} ranks", dist.world) : "", tokens_per_step);
-        fmt::print("device: {}, {} threads | steps {} | out {}\n", be->name(), omp_get_max_threads(), tc.steps,
-                   tc.out_dir);
+        const std::string dev = be->name() == "cuda" ? fmt::format("cuda ({}, {})", cuda_device_name(gpu_index()), tc.dtype)
+                                                     : fmt::format("{}, {} threads", be->name(), omp_get_max_threads());
+        fmt::print("device: {} | steps {} | out {}\n", dev, tc.steps, tc.out_dir);
         if (dist.active())
             fmt::print("dist: {} ranks = {} data-parallel x {} expert-parallel ({} experts per rank)\n", dist.world,
                        dist.dp, dist.ep, mc.moe.enabled ? mc.moe.experts / dist.ep : 0);
@@ -375,6 +404,7 @@ TrainSummary train_loop(const Config& cfg, const TrainOptions& opt, Backend& bac
     };
 
     std::vector<int> inp((size_t)B * T), tgt((size_t)B * T);
+    const double peak_flops = gpu_peak_flops(*be, tc), step_flops = flops_per_rank_step(cfg);
     auto t_begin = Clock::now();
     double train_ms = 0.0;  // optimizer steps only: eval and checkpoint time is reported apart
     for (int step = start; step < tc.steps; step++) {
@@ -416,6 +446,11 @@ TrainSummary train_loop(const Config& cfg, const TrainOptions& opt, Backend& bac
             j["a2a_mb"] = a2a_mb;
         }
         line += fmt::format(" | {:.1f} ms | {} tok/s", ms, human(tokens_per_step / (ms / 1000.0)));
+        if (peak_flops > 0) {
+            const double mfu = step_flops / (ms / 1000.0) / peak_flops;
+            line += fmt::format(" | mfu {:.1f}%", 100.0 * mfu);
+            j["mfu"] = mfu;
+        }
         j["lr"] = r.lr; j["norm"] = r.norm; j["ms"] = ms; j["tok_s"] = tokens_per_step / (ms / 1000.0);
         if (sum.skipped > 0) {   // train.nonfinite: skip; the count is of this run (not kept across --resume)
             line += fmt::format(" | skipped {}", sum.skipped);

@@ -43,7 +43,12 @@ TrainSummary run_training(const Config& cfg, const TrainOptions& opt);
 float evaluate(GPT& model, DataLoader& val, int batches,
                const std::function<void(const int* inputs, int N)>& on_batch = nullptr);
 
-// Picks and creates the backend for train.device / train.threads (errors explain why not).
+// Picks and creates the backend for train.device / train.dtype / train.threads (errors explain
+// why not): auto = CUDA when a GPU is visible (rank r of a distributed run takes GPU r mod count),
+// else the CPU; cuda without a GPU, or bf16 without CUDA, is an error.
 std::unique_ptr<Backend> make_backend(const TrainConfig& tc);
+// For commands that only run a model (eval, upcycle): as make_backend, except that a bf16 config
+// with device auto runs on the CPU in fp32 where no GPU is visible (weights are fp32 anyway).
+std::unique_ptr<Backend> make_backend_for_inference(const TrainConfig& tc);
 
 }  // namespace moe
