@@ -1,6 +1,5 @@
 /* CPU MoE ops; see ops_moe_cpu.h. */
 #include "ops_moe_cpu.h"
-#include "ops_cpu.h"
 
 #include <cmath>
 #include <cstring>
@@ -84,28 +83,6 @@ void swiglu_backward(float* dinp, const float* inp, const float* dout, size_t N,
 void mul_accumulate(float* out, const float* a, const float* b, size_t n) {
     #pragma omp parallel for schedule(static)
     for (size_t i = 0; i < n; i++) out[i] += a[i] * b[i];
-}
-
-void grouped_matmul_forward(float* out, const float* inp, const float* weight, const float* bias,
-                            const GroupBlock* blocks, int nblocks, int C, int OC) {
-    for (int i = 0; i < nblocks; i++) {
-        const GroupBlock& b = blocks[i];
-        if (b.rows == 0) continue;
-        const size_t r0 = b.row0, e = b.expert;
-        matmul_forward(out + r0 * OC, inp + r0 * C, weight + e * OC * C, bias ? bias + e * OC : nullptr, b.rows, C, OC);
-    }
-}
-
-void grouped_matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout, const float* inp,
-                             const float* weight, const GroupBlock* blocks, int nblocks, int C, int OC) {
-    for (int i = 0; i < nblocks; i++) {
-        const GroupBlock& b = blocks[i];
-        if (b.rows == 0) continue;
-        const size_t r0 = b.row0, e = b.expert;
-        matmul_backward(dinp ? dinp + r0 * C : nullptr, dweight ? dweight + e * OC * C : nullptr,
-                        dbias ? dbias + e * OC : nullptr, dout + r0 * OC, inp + r0 * C, weight + e * OC * C,
-                        b.rows, C, OC);
-    }
 }
 
 }  // namespace moe

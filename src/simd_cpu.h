@@ -1,0 +1,95 @@
+/* Vector helpers of the CPU ops: one native vector of VL floats as a GCC vector extension (plain
+   C++ that compiles to AVX-512, AVX2 or SSE, whatever -march gives) and exp_fast, the branch-free
+   exp that GELU, softmax and cross-entropy call once per element, in scalar and vector form.
+   glibc's expf/tanhf do not vectorise without -ffast-math. */
+#pragma once
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+namespace moe {
+namespace simd {
+
+// exp(x) to ~2 ulp (Cephes expf): x = n*ln2 + r with |r| <= ln2/2, exp(r) by a degree-6
+// polynomial, 2^n put straight into the exponent bits. Arguments are clamped to [-87, 88] so
+// 2^n stays a normal float; below -87 the result is 0 (what expf gives to float precision, and
+// what a masked softmax entry needs). NaN propagates through the polynomial.
+inline float exp_fast(float x) {
+    const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x/ln2)
+    float r = xc - n * 0.693359375f;  // ln2 split in two so n*ln2 is exact enough
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof scale);
+    return x < -87.0f ? 0.0f : p * scale;
+}
+
+#if defined(__AVX512F__)
+constexpr int VL = 16;  // zmm
+#elif defined(__AVX__)
+constexpr int VL = 8;   // ymm
+#else
+constexpr int VL = 4;   // xmm
+#endif
+typedef float vec __attribute__((vector_size(VL * 4)));
+typedef float vecu __attribute__((vector_size(VL * 4), aligned(4), may_alias));  // unaligned
+// Vector forms of exp_fast: GCC does not vectorise the scalar one (its clamps and bit tricks
+// become branches), and GELU, softmax and cross-entropy spend their time in it. Each lane does
+// exactly the scalar operations; callers walk arrays in VL-wide chunks from the start with the
+// scalar function on the tail, so a result never depends on the thread count.
+typedef int32_t ivec __attribute__((vector_size(VL * 4)));
+
+inline vec vload(const float* p) { return *(const vecu*)p; }
+inline void vstore(float* p, vec v) { *(vecu*)p = v; }
+inline vec vsplat(float x) { return vec{} + x; }
+inline float hsum(vec v) {
+    float s = 0.0f;
+    for (int i = 0; i < VL; i++) s += v[i];
+    return s;
+}
+
+inline vec exp_fast(vec x) {
+    const vec lo = vsplat(-87.0f), hi = vsplat(88.0f);
+    const vec xc = x < lo ? lo : (x > hi ? hi : x);
+    const vec n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    vec r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    vec p = vsplat(1.9875691500e-4f);
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * (r * r) + r + 1.0f;
+    const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
+    return x < lo ? vec{} : p * (vec)bits;
+}
+
+// out[i] = exp(in[i] - shift) for i < n; returns their sum (lane sums, then the tail)
+inline float exp_shift_sum(float* out, const float* in, float shift, int n) {
+    vec acc{};
+    int i = 0;
+    for (; i + VL <= n; i += VL) {
+        const vec e = exp_fast(vload(in + i) - shift);
+        if (out) vstore(out + i, e);
+        acc += e;
+    }
+    float sum = hsum(acc);
+    for (; i < n; i++) {
+        const float e = exp_fast(in[i] - shift);
+        if (out) out[i] = e;
+        sum += e;
+    }
+    return sum;
+}
+
+}  // namespace simd
+}  // namespace moe
