@@ -118,8 +118,13 @@ deps:
 	@bash scripts/install_deps.sh
 
 # Our trainer vs the PyTorch reference model on the same configs, in one run (CPU).
-bench: all
+bench: all $(BUILD)/bench_gemm_cpu
 	bash scripts/bench.sh
+	@echo; echo "CPU GEMM engine, one thread (tests/bench/gemm_cpu.cpp):"; echo
+	@$(BUILD)/bench_gemm_cpu
+
+$(BUILD)/bench_gemm_cpu: $(BUILD)/tests/bench/gemm_cpu.o $(SRC_OBJ)
+	$(CXX) $^ -o $@ $(LDLIBS)
 
 # Trains the same model once per balancing variant and writes docs/study.md + docs/study/*.svg.
 study: all
