@@ -99,5 +99,11 @@ constexpr int kSumSquaresBlocks = 1024;
 // partial (kSumSquaresBlocks + 1) doubles of scratch; the total ends in partial[kSumSquaresBlocks]
 void sum_squares(double* partial, const float* g, size_t n, cudaStream_t stream);
 
+// router.cu: PENDING (not wired in, never run; docs/cuda.md)
+void router_scores_topk(float* scores, int* choice_expert, float* choice_gate, const float* logits, const float* bias,
+                        int N, int E, int k, bool sigmoid, bool normalize, float scale, cudaStream_t stream);
+void router_plan_build(int* counts, int* offsets, int* token, float* gate, const int* choice_expert,
+                       const float* choice_gate, int N, int k, int E, cudaStream_t stream);
+
 }  // namespace cuda
 }  // namespace moe
