@@ -50,6 +50,17 @@ ifneq ($(MPICXX),)
   LDLIBS   += $(shell $(MPICXX) --showme:link)
 endif
 
+# NCCL: the GPU transport of distributed runs (docs/nccl.md), built in when CUDA and MPI (its
+# bootstrap) are and $(NCCL_HOME)/include/nccl.h exists (NCCL_HOME defaults to CUDA_HOME;
+# NO_NCCL=1 turns it off). Without it, GPU runs under mpirun stage their buffers through MPI.
+NCCL_HOME ?= $(CUDA_HOME)
+ifneq ($(and $(NVCC),$(MPICXX),$(wildcard $(NCCL_HOME)/include/nccl.h)),)
+  ifneq ($(NO_NCCL),1)
+    CXXFLAGS += -DMOE_NCCL -I$(NCCL_HOME)/include
+    LDLIBS   += -L$(NCCL_HOME)/lib64 -lnccl -Wl,-rpath,$(NCCL_HOME)/lib64
+  endif
+endif
+
 # Sanitizers: `make test SANITIZE=1` builds everything with ASan + UBSan (-O1, CPU only) into
 # build-san/ and runs the suite there, the moe binary included (docs/hardening.md). UBSan aborts
 # on its first report instead of printing and going on; any sanitizer report exits 86, so no

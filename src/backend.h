@@ -26,6 +26,11 @@ struct Backend {
     virtual void download(void* host_dst, const void* src, size_t nbytes) = 0;
     virtual void copy(void* dst, const void* src, size_t nbytes) = 0;
     virtual void synchronize() {}
+    // Where alloc_bytes memory lives: host (CPU, the default) or GPU device memory (CUDA). Dist
+    // moves host buffers with MPI and device buffers with NCCL (docs/nccl.md).
+    virtual bool device_memory() const { return false; }
+    // The cudaStream_t (as void*) the ops are queued on; null = the default stream.
+    virtual void* stream() const { return nullptr; }
     float* alloc(size_t n) { return (float*)alloc_bytes(n * sizeof(float)); }
     int* alloc_int(size_t n) { return (int*)alloc_bytes(n * sizeof(int)); }
 

@@ -246,6 +246,23 @@ void GPT::backward(float dloss_scale) {
 
 void GPT::reduce_grads() {
     const Dist& d = Dist::get();
+    if (d.nccl()) {
+        // gradients on the GPU: summed in place by NCCL (also with one rank, which exercises it),
+        // adjacent tensors of the same group as one span, then divided as below
+        std::vector<Dist::Span> spans;
+        for (const ParamTensor& p : params_) {
+            Dist::Span s = p.sharded ? Dist::Span{p.owned_offset, p.owned_numel, Dist::DP}
+                                     : Dist::Span{p.offset, p.numel, Dist::WORLD};
+            if (!spans.empty() && spans.back().g == s.g && spans.back().offset + spans.back().n == s.offset)
+                spans.back().n += s.n;
+            else
+                spans.push_back(s);
+        }
+        d.allreduce_device(grads_, spans);
+        be_.scale(grads_, 1.0f / d.world, num_params_);
+        return;
+    }
+    // host memory (a GPU backend without NCCL: through host copies)
     if (!d.active()) return;
     std::vector<float> g = get_grads();
     for (const ParamTensor& p : params_) {

@@ -296,7 +296,7 @@ void MoeLayer::forward(float* out, const float* x, const int* tokens, int B, int
         be_.upload(tok_off_, p.tok_offsets.data(), (N + 1) * sizeof(int));
         be_.upload(tok_assign_, p.tok_assign.data(), A * sizeof(int));
         be_.moe_dispatch_forward(xg_, x, token_, A, C_);                     // (A, C)
-        if (Dist::get().ep > 1) exchange_forward(w);
+        if (Dist::get().exchange()) exchange_forward(w);
         else grouped_forward(routed_, plan_blocks(p.offsets, E_), xg_, h_, act_, y_, w);
         be_.moe_combine_forward(out, y_, gate_, tok_off_, tok_assign_, N, C_); // (N, C)
     }
@@ -322,7 +322,7 @@ void MoeLayer::backward(float* dx, const float* dout, float* w, float* g, float 
     const DispatchPlan& p = r_.plan;
     const int A = p.kept();
     be_.moe_combine_backward(dy_, dgate_, dout, y_, gate_, token_, A, C_);
-    if (Dist::get().ep > 1) exchange_backward(w, g);
+    if (Dist::get().exchange()) exchange_backward(w, g);
     else grouped_backward(routed_, plan_blocks(p.offsets, E_), dxg_, dy_, xg_, h_, act_, A, w, g);
     be_.moe_dispatch_backward(dx, dxg_, tok_off_, tok_assign_, N, C_);
     if (p_router_ == SIZE_MAX) return;  // hash: no router parameters

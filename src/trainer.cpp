@@ -271,6 +271,7 @@ TrainSummary run_training(const Config& cfg, const TrainOptions& opt) {
     TrainOptions o = opt;
     o.quiet = opt.quiet || !lead;
     std::unique_ptr<Backend> be = make_backend(tc);
+    DistAttach attached(*be);                   // device buffers: NCCL communicators (docs/nccl.md)
 
     // each rank reads its own B*T slice of every world*B*T global batch
     DataLoader train(cfg.data.train, B, T, mc.vocab_size, dist.rank, dist.world, "data.train");
@@ -352,8 +353,9 @@ TrainSummary train_loop(const Config& cfg, const TrainOptions& opt, Backend& bac
                                                      : fmt::format("{}, {} threads", be->name(), omp_get_max_threads());
         fmt::print("device: {} | steps {} | out {}\n", dev, tc.steps, tc.out_dir);
         if (dist.active())
-            fmt::print("dist: {} ranks = {} data-parallel x {} expert-parallel ({} experts per rank)\n", dist.world,
-                       dist.dp, dist.ep, mc.moe.enabled ? mc.moe.experts / dist.ep : 0);
+            fmt::print("dist: {} ranks = {} data-parallel x {} expert-parallel ({} experts per rank){}\n", dist.world,
+                       dist.dp, dist.ep, mc.moe.enabled ? mc.moe.experts / dist.ep : 0,
+                       dist.transport() == "MPI" ? "" : " over " + dist.transport());
     }
     const int width = (int)std::to_string(tc.steps).size();
     auto run_val = [&](int done) {
