@@ -118,3 +118,24 @@ TEST_CASE("dist: bad layouts and a failing rank end every rank with an error") {
     CHECK(r.status != 124);  // not the time-out: the other rank did not hang
     CHECK(r.output.find("injected start-up failure") != std::string::npos);
 }
+
+// MOE_FORCE_EXCHANGE=1 sends the MoE rows through the all-to-all path with EP = 1 (a
+// self-exchange): how the one-rank NCCL smoke test of `make test-gpu` exercises ncclSend/ncclRecv
+// (docs/nccl.md). On the CPU it must change nothing: plain, forced, and forced under mpirun -np 1
+// print the same losses to the last digit.
+TEST_CASE("dist: the all-to-all path with EP 1 (MOE_FORCE_EXCHANGE) trains exactly as the local path") {
+    if (!have_mpirun()) { FAIL("mpirun not found"); }
+    Fixture f;
+    std::string base = moe_bin() + " train " + (f.dir / "c.yaml") + " --set train.out_dir=";
+    RunResult plain = run(base + (f.dir / "plain"));
+    RunResult forced = run("MOE_FORCE_EXCHANGE=1 " + base + (f.dir / "forced"));
+    RunResult one = run("MOE_FORCE_EXCHANGE=1 " + mpirun(1) + "-x MOE_FORCE_EXCHANGE=1 " + base + (f.dir / "one"));
+    INFO(one.output);
+    REQUIRE(plain.status == 0);
+    REQUIRE(forced.status == 0);
+    REQUIRE(one.status == 0);
+    std::vector<double> a = losses_of(plain.output);
+    REQUIRE(a.size() == 10);
+    CHECK(losses_of(forced.output) == a);
+    CHECK(losses_of(one.output) == a);
+}
