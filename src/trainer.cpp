@@ -29,11 +29,8 @@ namespace moe {
 
 using Clock = std::chrono::steady_clock;
 
-// The GPU of this process: rank r of a distributed run takes GPU r mod count (one node, one rank per GPU).
-static int gpu_index() {
-    const int n = cuda_device_count();
-    return n > 0 ? Dist::get().rank % n : 0;
-}
+// The GPU of this process: its local rank on the node mod the node's GPU count (one rank per GPU).
+static int gpu_index() { return Dist::get().device_for_rank(cuda_device_count()); }
 
 std::unique_ptr<Backend> make_backend(const TrainConfig& tc) {
     const int gpus = cuda_device_count();
