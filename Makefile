@@ -137,6 +137,46 @@ bench: all $(BUILD)/bench_gemm_cpu
 $(BUILD)/bench_gemm_cpu: $(BUILD)/tests/bench/gemm_cpu.o $(SRC_OBJ)
 	$(CXX) $^ -o $@ $(LDLIBS)
 
+# ---- GPU tests and benchmarks (docs/gpu-testing.md) -------------------------------------------
+# `make test-gpu`: build/test_gpu (tests/gpu/*.cpp, its own doctest main) checks every CUDA op
+# against its CPU twin and whole training runs against the CPU trainer. Not part of `make test`.
+# Skips (exit 0, one line) when the build has no CUDA or no GPU is visible (test_gpu --probe).
+# TODO(test-gpu-nccl-smoke): add a one-rank NCCL smoke run (mpirun -np 1 with MOE_FORCE_EXCHANGE=1
+# and train.device=cuda) once the NCCL transport (src/dist_nccl.cpp) is committed.
+# `make bench-gpu`: scripts/bench_gpu.sh, full training steps of configs/bench/gpu_*.yaml beside
+# the PyTorch reference (eager, torch.compile) and build/bench_kernels (tests/gpu/bench_kernels.cu:
+# grouped expert GEMM vs cuBLAS, dispatch/combine vs cudaMemcpy bandwidth).
+GPU_TEST_SRC := $(wildcard tests/gpu/*.cpp)
+GPU_TEST_OBJ := $(GPU_TEST_SRC:%.cpp=$(BUILD)/%.o)
+
+$(BUILD)/test_gpu: $(SRC_OBJ) $(GPU_TEST_OBJ)
+	$(CXX) $^ -o $@ $(LDLIBS)
+
+$(BUILD)/bench_kernels: $(BUILD)/tests/gpu/bench_kernels.o $(BUILD)/tests/gpu/gpu_common.o $(SRC_OBJ)
+	$(CXX) $^ -o $@ $(LDLIBS) -lcublas
+
+test-gpu:
+ifeq ($(NVCC),)
+	@echo "test-gpu: skipped (this build has no CUDA: nvcc not found)"
+else
+	@$(MAKE) --no-print-directory $(BUILD)/moe $(BUILD)/test_gpu
+	@why=$$($(BUILD)/test_gpu --probe); rc=$$?; \
+	if [ $$rc -eq 3 ]; then echo "test-gpu: skipped ($$why)"; exit 0; fi; \
+	if [ $$rc -ne 0 ]; then echo "test-gpu: $(BUILD)/test_gpu --probe failed (exit $$rc): $$why"; exit 1; fi; \
+	echo "test-gpu: $$why"; \
+	MOE_BIN=$(BUILD)/moe PYTHON=$(PYTHON) bash tests/run.sh $(BUILD)/test_gpu $(TEST_ARGS)
+endif
+
+bench-gpu:
+ifeq ($(NVCC),)
+	@echo "bench-gpu: skipped (this build has no CUDA: nvcc not found)"
+else
+	@$(MAKE) --no-print-directory $(BUILD)/moe $(BUILD)/bench_kernels
+	@MOE=$(BUILD)/moe BENCH_KERNELS=$(BUILD)/bench_kernels PYTHON=$(PYTHON) bash scripts/bench_gpu.sh
+endif
+
+-include $(GPU_TEST_OBJ:.o=.d) $(BUILD)/tests/gpu/bench_kernels.d
+
 # Trains the same model once per balancing variant and writes docs/study.md + docs/study/*.svg.
 study: all
 	bash configs/study/run.sh

@@ -332,7 +332,7 @@ class MoE(nn.Module):
             if rows.numel() == 0:
                 continue
             out = self.experts(e, xf[rows]) * gate[mine].unsqueeze(1)
-            y = y.index_add(0, rows, out)
+            y = y.index_add(0, rows, out.to(y.dtype))   # bf16 autocast (bench.py --bf16): sum in y's dtype
         return y
 
     def _counts(self, exp, mask=None):
