@@ -141,8 +141,9 @@ $(BUILD)/bench_gemm_cpu: $(BUILD)/tests/bench/gemm_cpu.o $(SRC_OBJ)
 # `make test-gpu`: build/test_gpu (tests/gpu/*.cpp, its own doctest main) checks every CUDA op
 # against its CPU twin and whole training runs against the CPU trainer. Not part of `make test`.
 # Skips (exit 0, one line) when the build has no CUDA or no GPU is visible (test_gpu --probe).
-# TODO(test-gpu-nccl-smoke): add a one-rank NCCL smoke run (mpirun -np 1 with MOE_FORCE_EXCHANGE=1
-# and train.device=cuda) once the NCCL transport (src/dist_nccl.cpp) is committed.
+# First the NCCL smoke test (tests/gpu/nccl_smoke.sh: one rank over NCCL == one process; 2 ranks
+# x EP 2 where 2 GPUs are visible; it skips itself without mpirun or NCCL), then the doctest
+# runner, whose summary line comes last; either failing fails the target.
 # `make bench-gpu`: scripts/bench_gpu.sh, full training steps of configs/bench/gpu_*.yaml beside
 # the PyTorch reference (eager, torch.compile) and build/bench_kernels (tests/gpu/bench_kernels.cu:
 # grouped expert GEMM vs cuBLAS, dispatch/combine vs cudaMemcpy bandwidth).
@@ -164,7 +165,10 @@ else
 	if [ $$rc -eq 3 ]; then echo "test-gpu: skipped ($$why)"; exit 0; fi; \
 	if [ $$rc -ne 0 ]; then echo "test-gpu: $(BUILD)/test_gpu --probe failed (exit $$rc): $$why"; exit 1; fi; \
 	echo "test-gpu: $$why"; \
-	MOE_BIN=$(BUILD)/moe PYTHON=$(PYTHON) bash tests/run.sh $(BUILD)/test_gpu $(TEST_ARGS)
+	bash tests/gpu/nccl_smoke.sh $(BUILD)/moe; smoke=$$?; \
+	MOE_BIN=$(BUILD)/moe PYTHON=$(PYTHON) bash tests/run.sh $(BUILD)/test_gpu $(TEST_ARGS); rc=$$?; \
+	[ $$smoke -eq 0 ] || echo "test-gpu: the NCCL smoke test failed (output above)"; \
+	[ $$smoke -eq 0 ] && [ $$rc -eq 0 ]
 endif
 
 bench-gpu:
