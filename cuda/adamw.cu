@@ -9,9 +9,9 @@ namespace moe {
 namespace cuda {
 
 __global__ void adamw_kernel(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,
-                             float beta2, float bc1, float bc2, float eps, float wd) {
+                             float beta2, float bc1, float bc2, float eps, float wd, float grad_scale) {
     GRID_STRIDE(i, n) {
-        const float gi = g[i];
+        const float gi = g[i] * grad_scale;  // clipping folded in, as on the CPU
         const float mi = beta1 * m[i] + (1.0f - beta1) * gi;
         const float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
         m[i] = mi;
@@ -41,10 +41,10 @@ void adamw_update(float* param,       // (n)
                   const float* grad,  // (n)
                   float* m, float* v, // (n), (n)
                   size_t n, float lr, float beta1, float beta2, float bc1, float bc2, float eps, float weight_decay,
-                  cudaStream_t stream) {
+                  float grad_scale, cudaStream_t stream) {
     if (n == 0) return;
     adamw_kernel<<<grid_for(n), kBlock, 0, stream>>>(param, grad, m, v, n, lr, beta1, beta2, bc1, bc2, eps,
-                                                     weight_decay);
+                                                     weight_decay, grad_scale);
     cudaCheck(cudaGetLastError());
 }
 

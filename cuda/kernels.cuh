@@ -94,7 +94,7 @@ void moe_combine_backward(float* dy, float* dgate, const float* dout, const floa
 
 // adamw.cu
 void adamw_update(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1, float beta2,
-                  float bc1, float bc2, float eps, float weight_decay, cudaStream_t stream);
+                  float bc1, float bc2, float eps, float weight_decay, float grad_scale, cudaStream_t stream);
 constexpr int kSumSquaresBlocks = 1024;
 // partial (kSumSquaresBlocks + 1) doubles of scratch; the total ends in partial[kSumSquaresBlocks]
 void sum_squares(double* partial, const float* g, size_t n, cudaStream_t stream);

@@ -87,9 +87,12 @@ struct Backend {
     // sum of squares of g (n floats), reduced in a fixed order so that runs are reproducible
     virtual double sum_squares(const float* g, size_t n) = 0;
     virtual void scale(float* x, float s, size_t n) = 0;
-    // AdamW on one tensor: m,v updated; bias correction with step t (1-based); decoupled decay.
+    // AdamW on one tensor with gradient grad_scale * grad (the clipping coefficient, folded in so
+    // that clipping costs no pass over the gradients; grad itself is not changed): m,v updated;
+    // bias correction with step t (1-based); decoupled decay.
     virtual void adamw_update(float* param, const float* grad, float* m, float* v, size_t n, float lr,
-                              float beta1, float beta2, float eps, float weight_decay, int t) = 0;
+                              float beta1, float beta2, float eps, float weight_decay, int t,
+                              float grad_scale) = 0;
 };
 
 std::unique_ptr<Backend> make_cpu_backend(int threads);  // threads 0 = all cores

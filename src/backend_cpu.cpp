@@ -114,8 +114,8 @@ struct CpuBackend final : Backend {
         for (size_t i = 0; i < n; i++) x[i] *= s;
     }
     void adamw_update(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1, float beta2,
-                      float eps, float wd, int t) override {
-        moe::adamw_update(p, g, m, v, n, lr, beta1, beta2, eps, wd, t);
+                      float eps, float wd, int t, float grad_scale) override {
+        moe::adamw_update(p, g, m, v, n, lr, beta1, beta2, eps, wd, t, grad_scale);
     }
 };
 

@@ -10,6 +10,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
 namespace moe {
@@ -236,14 +237,25 @@ void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dou
 
 namespace {
 
-constexpr int kGroupRows = 128;  // rows per forward / dinp task
-constexpr int kGroupOC = 64;     // dweight rows (output features) per task
+// Task sizes: as large as keeps every thread busy (about 4 tasks per thread), because each task
+// packs its B operand (W_e, or the expert's input rows for dweight) once; but at least
+// kGroupRows rows / kGroupOC features, so that a few big experts still spread over the threads.
+constexpr int kGroupRows = 128;  // least rows per forward / dinp task
+constexpr int kGroupOC = 64;     // least dweight rows (output features) per task
 
 std::vector<GroupBlock> row_tasks(const GroupBlock* blocks, int nblocks) {
+    int total = 0;
+    for (int i = 0; i < nblocks; i++) total += blocks[i].rows;
+    const int want = 4 * omp_get_max_threads();
+    const int per = std::max(kGroupRows, (total + want - 1) / want);
     std::vector<GroupBlock> t;
-    for (int i = 0; i < nblocks; i++)
-        for (int r = 0; r < blocks[i].rows; r += kGroupRows)
-            t.push_back({blocks[i].expert, blocks[i].row0 + r, std::min(kGroupRows, blocks[i].rows - r)});
+    for (int i = 0; i < nblocks; i++) {
+        const int pieces = (blocks[i].rows + per - 1) / per;  // even pieces of at most `per` rows
+        for (int j = 0; j < pieces; j++) {
+            const int r0 = (int)((int64_t)blocks[i].rows * j / pieces), r1 = (int)((int64_t)blocks[i].rows * (j + 1) / pieces);
+            t.push_back({blocks[i].expert, blocks[i].row0 + r0, r1 - r0});
+        }
+    }
     return t;
 }
 
@@ -282,14 +294,18 @@ void grouped_matmul_backward(float* dinp, float* dweight, float* dbias, const fl
     std::vector<std::vector<int>> of(E);
     for (int i = 0; i < nblocks; i++)
         if (blocks[i].rows > 0) of[blocks[i].expert].push_back(i);
+    int active = 0;
+    for (int e = 0; e < E; e++) active += !of[e].empty();
+    const int want = 4 * omp_get_max_threads(), per_expert = std::max(1, (want + active - 1) / std::max(active, 1));
+    const int chunk = std::max(kGroupOC, (OC + per_expert - 1) / per_expert / kGroupOC * kGroupOC);
     std::vector<std::pair<int, int>> tasks;  // (expert, first output feature)
     for (int e = 0; e < E; e++)
         if (!of[e].empty())
-            for (int o = 0; o < OC; o += kGroupOC) tasks.push_back({e, o});
+            for (int o = 0; o < OC; o += chunk) tasks.push_back({e, o});
 #pragma omp parallel for schedule(dynamic)
     for (size_t i = 0; i < tasks.size(); i++) {
         const size_t e = tasks[i].first, o0 = tasks[i].second;
-        const int no = std::min(kGroupOC, OC - (int)o0);
+        const int no = std::min(chunk, OC - (int)o0);
         for (int bi : of[e]) {
             const GroupBlock& b = blocks[bi];
             const float* d = dout + (size_t)b.row0 * OC + o0;  // (rows, no), row stride OC
@@ -297,12 +313,14 @@ void grouped_matmul_backward(float* dinp, float* dweight, float* dbias, const fl
             if (dweight)
                 gemm(dweight + (e * OC + o0) * C, C, d, 1, OC, inp + (size_t)b.row0 * C, C, 1, nullptr, true, 1.0f,
                      no, C, b.rows);
-            if (dbias) {  // column sums of the block, then added: as matmul_backward does
-                float acc[kGroupOC] = {};
-                for (int r = 0; r < b.rows; r++)
-                    for (int j = 0; j < no; j++) acc[j] += d[(size_t)r * OC + j];
-                for (int j = 0; j < no; j++) dbias[e * OC + o0 + j] += acc[j];
-            }
+            if (dbias)  // column sums of the block, then added: as matmul_backward does
+                for (int j0 = 0; j0 < no; j0 += kGroupOC) {
+                    const int w = std::min(kGroupOC, no - j0);
+                    float acc[kGroupOC] = {};
+                    for (int r = 0; r < b.rows; r++)
+                        for (int j = 0; j < w; j++) acc[j] += d[(size_t)r * OC + j0 + j];
+                    for (int j = 0; j < w; j++) dbias[e * OC + o0 + j0 + j] += acc[j];
+                }
         }
     }
 }

@@ -27,7 +27,6 @@ AdamW::~AdamW() {
 
 float AdamW::step(float lr) {
     Backend& be = model_.backend();
-    const size_t n = model_.num_params();
     // replicated tensors are identical on every rank; each owned expert slice lives on one rank
     // of the EP group, so its squares are summed over the group
     double replicated = 0.0, sharded = 0.0;
@@ -37,16 +36,15 @@ float AdamW::step(float lr) {
     }
     Dist::get().allreduce(&sharded, 1, Dist::EP);
     float norm = (float)std::sqrt(replicated + sharded);
-    if (tc_.grad_clip > 0) {
-        // torch.nn.utils.clip_grad_norm_: coefficient clip/(norm+1e-6), never above 1
-        float coef = (float)(tc_.grad_clip / (norm + 1e-6));
-        if (coef < 1.0f) be.scale(model_.grads(), coef, n);
-    }
+    // torch.nn.utils.clip_grad_norm_: coefficient clip/(norm+1e-6), never above 1; AdamW applies
+    // it as it reads each gradient (the same float products as scaling the gradients first)
+    float coef = 1.0f;
+    if (tc_.grad_clip > 0) coef = std::min(1.0f, (float)(tc_.grad_clip / (norm + 1e-6)));
     t_++;
     for (const ParamTensor& p : model_.params()) {
         const size_t o = p.owned_offset;
         be.adamw_update(model_.weights() + o, model_.grads() + o, m_ + o, v_ + o, p.owned_numel, lr, (float)tc_.beta1, (float)tc_.beta2, 1e-8f,
-                        p.decay ? (float)tc_.weight_decay : 0.0f, t_);
+                        p.decay ? (float)tc_.weight_decay : 0.0f, t_, coef);
     }
     return norm;
 }

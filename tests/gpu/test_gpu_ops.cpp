@@ -352,8 +352,8 @@ void grouped_all(Env& e) {
 // --------------------------------------------------------------------------------------------
 // optimizer
 
-void adamw(Env& e, size_t n, int t, float wd, size_t skew, uint32_t seed) {
-    CAPTURE(n); CAPTURE(t); CAPTURE(wd); CAPTURE(skew);
+void adamw(Env& e, size_t n, int t, float wd, size_t skew, uint32_t seed, float grad_scale = 1.0f) {
+    CAPTURE(n); CAPTURE(t); CAPTURE(wd); CAPTURE(skew); CAPTURE(grad_scale);
     std::vector<float> g = randu(n, seed + 1, -0.1f, 0.1f);
     for (size_t i = 0; i < n; i += 7) g[i] = 0.0f;  // zero gradients (unused rows), v may be 0 too
     TwinF p(e, randu(n, seed), skew), grad(e, g, skew), m(e, randu(n, seed + 2, -0.01f, 0.01f), skew);
@@ -361,14 +361,15 @@ void adamw(Env& e, size_t n, int t, float wd, size_t skew, uint32_t seed) {
     for (size_t i = 0; i < n; i += 14) v0[i] = 0.0f;
     TwinF v(e, v0, skew);
     check_op(e, [&](Backend& be, Side s) {
-        be.adamw_update(p[s], grad[s], m[s], v[s], n, 1e-3f, 0.9f, 0.95f, 1e-8f, wd, t);
-    }, {{"adamw param", &p, e.tol()}, {"adamw m", &m, e.tol()}, {"adamw v", &v, e.tol()}});
+        be.adamw_update(p[s], grad[s], m[s], v[s], n, 1e-3f, 0.9f, 0.95f, 1e-8f, wd, t, grad_scale);
+    }, {{"adamw param", &p, e.tol()}, {"adamw m", &m, e.tol()}, {"adamw v", &v, e.tol()}, {"adamw grad", &grad, 0.0}});
 }
 
 void optimizer_all(Env& e) {
     adamw(e, 1, 1, 0.1f, 0, 1);
     adamw(e, 1000003, 1, 0.1f, 1, 2);
     adamw(e, 4099, 1000, 0.0f, 0, 3);
+    adamw(e, 65537, 7, 0.1f, 0, 4, 0.37f);  // a clipping coefficient folded in
     for (size_t n : {(size_t)1, (size_t)17, (size_t)(1 << 16) + 5, (size_t)10000019}) {
         CAPTURE(n);
         TwinF g(e, randu(n, 11 + (uint32_t)n, -3, 3), 1);
