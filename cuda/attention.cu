@@ -8,7 +8,7 @@
      then dq = scale sum_j P (dP - delta) k_j (pass 2), with dP = dout . v_j; it stores delta.
      Kernel 2, per key row: dv = sum_i P_ij dout_i, dk = scale sum_i P_ij (dP_ij - delta_i) q_i.
    Every output element is summed by one thread in a fixed order: no atomics, bit-reproducible.
-   Exponentials are exp_fast (as ops_cpu.cpp). Head size at most kAttentionMaxHeadSize (128). */
+   Exponentials are exp_fast (as src/simd_cpu.h). Head size at most kAttentionMaxHeadSize (128). */
 #include "kernels.cuh"
 
 namespace moe {

@@ -1,7 +1,7 @@
 /* Shared helpers of the CUDA kernels: error checking in the repo's convention (one line
    `error: CUDA <call>: <msg> (file:line)`, exit status 1), CEIL_DIV, warp and block reductions
    with a fixed combination order (so every reduction is bit-reproducible run to run), bf16
-   conversion, and exp_fast: the same Cephes polynomial as ops_cpu.cpp, so that GELU, softmax and
+   conversion, and exp_fast: the same Cephes polynomial as src/simd_cpu.h, so that GELU, softmax and
    attention see the same exponentials on both backends. */
 #pragma once
 #include <cuda_runtime.h>
@@ -61,7 +61,7 @@ __device__ __forceinline__ float block_max(float v, float* shared) {
     return warp_max(v);
 }
 
-// exp(x) as ops_cpu.cpp's exp_fast: ~2 ulp, 0 below -87, NaN propagates.
+// exp(x) as src/simd_cpu.h's exp_fast: ~2 ulp, 0 below -87, NaN propagates.
 __device__ __forceinline__ float exp_fast(float x) {
     const float xc = fminf(fmaxf(x, -87.0f), 88.0f);
     const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
