@@ -1,11 +1,13 @@
 /* Shared helpers of the CUDA kernels: error checking in the repo's convention (one line
    `error: CUDA <call>: <msg> (file:line)`, exit status 1), CEIL_DIV, warp and block reductions
    with a fixed combination order (so every reduction is bit-reproducible run to run), bf16
-   conversion, and exp_fast: the same Cephes polynomial as src/simd_cpu.h, so that GELU, softmax and
-   attention see the same exponentials on both backends. */
+   conversion, and exp_fast on exp_poly (src/exp_poly.h), the polynomial the CPU uses too, so
+   that GELU, softmax and attention see the same exponentials on both backends. */
 #pragma once
 #include <cuda_runtime.h>
 #include <cuda_bf16.h>
+
+#include "exp_poly.h"
 
 #include <cstdint>
 #include <cstdio>
@@ -64,16 +66,8 @@ __device__ __forceinline__ float block_max(float v, float* shared) {
 // exp(x) as src/simd_cpu.h's exp_fast: ~2 ulp, 0 below -87, NaN propagates.
 __device__ __forceinline__ float exp_fast(float x) {
     const float xc = fminf(fmaxf(x, -87.0f), 88.0f);
-    const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    float r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
+    float n;
+    const float p = exp_poly(xc, n);
     const float scale = __uint_as_float((uint32_t)((int32_t)n + 127) << 23);
     return x < -87.0f ? 0.0f : (x != x ? x : p * scale);
 }

@@ -3,6 +3,8 @@
    exp that GELU, softmax and cross-entropy call once per element, in scalar and vector form.
    glibc's expf/tanhf do not vectorise without -ffast-math. */
 #pragma once
+#include "exp_poly.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -10,22 +12,14 @@
 namespace moe {
 namespace simd {
 
-// exp(x) to ~2 ulp (Cephes expf): x = n*ln2 + r with |r| <= ln2/2, exp(r) by a degree-6
-// polynomial, 2^n put straight into the exponent bits. Arguments are clamped to [-87, 88] so
-// 2^n stays a normal float; below -87 the result is 0 (what expf gives to float precision, and
-// what a masked softmax entry needs). NaN propagates through the polynomial.
+// exp(x) to ~2 ulp: exp_poly (src/exp_poly.h), 2^n put straight into the exponent bits.
+// Arguments are clamped to [-87, 88] so 2^n stays a normal float; below -87 the result is 0
+// (what expf gives to float precision, and what a masked softmax entry needs). NaN propagates
+// through the polynomial.
 inline float exp_fast(float x) {
     const float xc = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-    const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round(x/ln2)
-    float r = xc - n * 0.693359375f;  // ln2 split in two so n*ln2 is exact enough
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
+    float n;
+    const float p = exp_poly(xc, n);
     const uint32_t bits = (uint32_t)((int32_t)n + 127) << 23;
     float scale;
     std::memcpy(&scale, &bits, sizeof scale);
@@ -59,16 +53,8 @@ inline float hsum(vec v) {
 inline vec exp_fast(vec x) {
     const vec lo = vsplat(-87.0f), hi = vsplat(88.0f);
     const vec xc = x < lo ? lo : (x > hi ? hi : x);
-    const vec n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-    vec r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    vec p = vsplat(1.9875691500e-4f);
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * (r * r) + r + 1.0f;
+    vec n;
+    const vec p = exp_poly(xc, n);
     const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
     return x < lo ? vec{} : p * (vec)bits;
 }
