@@ -39,16 +39,6 @@ data: {{train: {}/train_*.bin, val: {}/val_*.bin}}
 )", steps, ckpt_every, dir / "run", train_extra.empty() ? "" : ", " + train_extra, dir.path, dir.path);
 }
 
-std::string expect_error(const std::string& cmd, int status = 1) {
-    RunResult r = run(cmd);
-    INFO("command: " << cmd << "\noutput:\n" << r.output);
-    CHECK(r.status == status);
-    CHECK(r.output.find("error: ") != std::string::npos);
-    CHECK(r.output.find("terminate called") == std::string::npos);
-    CHECK(r.output.find("Sanitizer") == std::string::npos);
-    return r.output;
-}
-
 // The tensors of two safetensors files are the same (metadata may differ).
 bool same_tensors(const std::string& a, const std::string& b) {
     SafeTensors x = load_safetensors(a), y = load_safetensors(b);
@@ -145,7 +135,7 @@ TEST_CASE("nonfinite: stop keeps the weights before the bad step, says so, exits
     REQUIRE(run(moe_bin() + " train " + (dir / "c.yaml") + " --set train.ckpt_every=1 --set train.out_dir=" +
                 (dir / "ref")).status == 0);
 
-    std::string out = expect_error("MOE_INJECT_INF_STEP=4 " + moe_bin() + " train " + (dir / "c.yaml"));
+    std::string out = expect_cli_error("MOE_INJECT_INF_STEP=4 " + moe_bin() + " train " + (dir / "c.yaml"));
     const std::string before = checkpoint_path(dir / "run", 3);
     CHECK(out.find("error: non-finite loss at step 4 (loss inf") != std::string::npos);
     CHECK(out.find(before) != std::string::npos);
@@ -169,7 +159,7 @@ TEST_CASE("nonfinite: stop keeps the weights before the bad step, says so, exits
 
     // a bad first step keeps the initial weights as step 0
     REQUIRE(run("rm -rf '" + (dir / "run") + "'").status == 0);
-    out = expect_error("MOE_INJECT_INF_STEP=1 " + moe_bin() + " train " + (dir / "c.yaml"));
+    out = expect_cli_error("MOE_INJECT_INF_STEP=1 " + moe_bin() + " train " + (dir / "c.yaml"));
     CHECK(out.find("non-finite loss at step 1") != std::string::npos);
     CHECK(file_exists(checkpoint_path(dir / "run", 0)));
     r = run(moe_bin() + " train " + (dir / "c.yaml") + " --resume latest");
@@ -298,7 +288,7 @@ TEST_CASE("fuzz regression: dist.expert_parallel = 0 on an MoE model is an error
                          "dist.expert_parallel: must be >= 1, got -2 (m.yaml:2)", Error);
     TempDir dir;
     write_text(dir / "m.yaml", moe);
-    std::string out = expect_error(moe_bin() + " train " + (dir / "m.yaml") + " --set dist.expert_parallel=0");
+    std::string out = expect_cli_error(moe_bin() + " train " + (dir / "m.yaml") + " --set dist.expert_parallel=0");
     CHECK(out.find("dist.expert_parallel: must be >= 1") != std::string::npos);
 }
 
@@ -360,7 +350,7 @@ TEST_CASE("errors: every CLI error path exits 1 with one error line and leaves e
     };
     for (const Case& c : cases) {
         const auto before = snapshot(dir.path);
-        std::string out = expect_error(c.cmd);
+        std::string out = expect_cli_error(c.cmd);
         CHECK_MESSAGE(out.find(c.expect) != std::string::npos, c.cmd << " should say " << c.expect);
         size_t errors = 0;
         for (size_t p = 0; (p = out.find("error: ", p)) != std::string::npos; p++) errors++;

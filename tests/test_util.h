@@ -1,6 +1,9 @@
-/* Helpers shared by the tests: temp directories, running the moe binary, tiny token shards. */
+/* Helpers shared by the tests: temp directories, running the moe binary (and the error contract
+   of a failing command), tiny token shards. */
 #pragma once
 #include "data.h"
+
+#include <doctest/doctest.h>
 
 #include <algorithm>
 #include <array>
@@ -39,6 +42,19 @@ inline RunResult run(const std::string& cmd) {
     int st = pclose(p);
     r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -WTERMSIG(st);
     return r;
+}
+
+// Runs a moe command that must fail as a user error: exit status `status`, an `error: ` line,
+// and no crash (no uncaught exception, assertion or sanitizer report). Returns the output.
+inline std::string expect_cli_error(const std::string& cmd, int status = 1) {
+    RunResult r = run(cmd);
+    INFO("command: " << cmd << "\noutput:\n" << r.output);
+    CHECK(r.status == status);
+    CHECK(r.output.find("error: ") != std::string::npos);
+    CHECK(r.output.find("terminate called") == std::string::npos);
+    CHECK(r.output.find("Assertion") == std::string::npos);
+    CHECK(r.output.find("Sanitizer") == std::string::npos);
+    return r.output;
 }
 
 inline std::string moe_bin() {
