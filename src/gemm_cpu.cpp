@@ -198,6 +198,21 @@ void gemm(float* c, size_t ldc,                          // (M, Nc), row stride 
 // ----------------------------------------------------------------------------------------
 // matmul (weights (OC, C) as in PyTorch)
 
+namespace {
+
+constexpr int kBiasCols = 64;  // dbias columns summed together (one accumulator row)
+
+// out[j] += sum over rows r (in order) of d[r*ld + j], for j < w <= kBiasCols: the column sums
+// behind every dbias, one thread, accumulated apart and then added (the same bits wherever used)
+void add_column_sums(float* out, const float* d, int rows, int ld, int w) {
+    float acc[kBiasCols] = {};
+    for (int r = 0; r < rows; r++)
+        for (int j = 0; j < w; j++) acc[j] += d[(size_t)r * ld + j];
+    for (int j = 0; j < w; j++) out[j] += acc[j];
+}
+
+}  // namespace
+
 void matmul_forward(float* out, const float* inp, const float* weight, const float* bias,
                     int N, int C, int OC) {
     // out (N, OC) = inp (N, C) . W^T:  A = inp, B(k=c, n=o) = W[o*C + c]
@@ -212,16 +227,11 @@ void matmul_backward(float* dinp, float* dweight, float* dbias, const float* dou
     if (dweight) gemm(dweight, C, dout, 1, OC, inp, C, 1, nullptr, true, 1.0f, OC, C, N);
     if (dbias) {
         // column sums of dout; threads split the columns, rows are walked in order
-        const int nblk = (OC + 63) / 64;
+        const int nblk = (OC + kBiasCols - 1) / kBiasCols;
 #pragma omp parallel for schedule(static)
         for (int blk = 0; blk < nblk; blk++) {
-            const int o0 = blk * 64, w = std::min(OC, o0 + 64) - o0;
-            float acc[64] = {};
-            for (int n = 0; n < N; n++) {
-                const float* d = dout + (size_t)n * OC + o0;
-                for (int j = 0; j < w; j++) acc[j] += d[j];
-            }
-            for (int j = 0; j < w; j++) dbias[o0 + j] += acc[j];
+            const int o0 = blk * kBiasCols;
+            add_column_sums(dbias + o0, dout + o0, N, OC, std::min(OC - o0, kBiasCols));
         }
     }
 }
@@ -313,14 +323,9 @@ void grouped_matmul_backward(float* dinp, float* dweight, float* dbias, const fl
             if (dweight)
                 gemm(dweight + (e * OC + o0) * C, C, d, 1, OC, inp + (size_t)b.row0 * C, C, 1, nullptr, true, 1.0f,
                      no, C, b.rows);
-            if (dbias)  // column sums of the block, then added: as matmul_backward does
-                for (int j0 = 0; j0 < no; j0 += kGroupOC) {
-                    const int w = std::min(kGroupOC, no - j0);
-                    float acc[kGroupOC] = {};
-                    for (int r = 0; r < b.rows; r++)
-                        for (int j = 0; j < w; j++) acc[j] += d[(size_t)r * OC + j0 + j];
-                    for (int j = 0; j < w; j++) dbias[e * OC + o0 + j0 + j] += acc[j];
-                }
+            if (dbias)  // column sums of the block, as matmul_backward takes them
+                for (int j0 = 0; j0 < no; j0 += kBiasCols)
+                    add_column_sums(dbias + e * OC + o0 + j0, d + j0, b.rows, OC, std::min(kBiasCols, no - j0));
         }
     }
 }
