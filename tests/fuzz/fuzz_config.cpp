@@ -12,17 +12,6 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     } catch (const moe::Error&) {
         return 0;
     }
-    const std::string yaml = moe::config_to_yaml(cfg);
-    std::string again;
-    try {
-        again = moe::config_to_yaml(moe::parse_config(yaml, "round trip"));
-    } catch (const moe::Error& e) {
-        std::fprintf(stderr, "%s\n--- printed config:\n%s\n", e.what(), yaml.c_str());
-        moe_fuzz::invariant_failed("config_to_yaml output does not load");
-    }
-    if (again != yaml) {
-        std::fprintf(stderr, "--- first:\n%s\n--- second:\n%s\n", yaml.c_str(), again.c_str());
-        moe_fuzz::invariant_failed("config_to_yaml -> parse_config is not a fixed point");
-    }
+    moe_fuzz::check_config_round_trip(cfg);
     return 0;
 }
