@@ -62,7 +62,6 @@ void register_bench_command(CLI::App& app) {
         for (int s = 0; s < a->warmup + a->steps; s++) {
             auto t0 = std::chrono::steady_clock::now();
             for (MoeLayer* m : model.moe_layers()) m->begin_step();
-            model.zero_grad();
             for (int micro = 0; micro < cfg.train.grad_accum; micro++) {
                 for (size_t i = 0; i < inp.size(); i++) { inp[i] = rng.next_u32() % V; tgt[i] = rng.next_u32() % V; }
                 model.forward(inp.data(), tgt.data(), B, T);

@@ -8,10 +8,11 @@
 namespace moe {
 namespace cuda {
 
-__global__ void adamw_kernel(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1,
+__global__ void adamw_kernel(float* p, float* g, float* m, float* v, size_t n, float lr, float beta1,
                              float beta2, float bc1, float bc2, float eps, float wd, float grad_scale) {
     GRID_STRIDE(i, n) {
         const float gi = g[i] * grad_scale;  // clipping folded in, as on the CPU
+        g[i] = 0.0f;                         // left zero for the next backward, as on the CPU
         const float mi = beta1 * m[i] + (1.0f - beta1) * gi;
         const float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
         m[i] = mi;
@@ -38,7 +39,7 @@ __global__ void sum_partials_kernel(double* partial, int count) {
 }
 
 void adamw_update(float* param,       // (n)
-                  const float* grad,  // (n)
+                  float* grad,        // (n), left zero
                   float* m, float* v, // (n), (n)
                   size_t n, float lr, float beta1, float beta2, float bc1, float bc2, float eps, float weight_decay,
                   float grad_scale, cudaStream_t stream) {

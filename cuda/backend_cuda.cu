@@ -192,7 +192,7 @@ struct CudaBackend final : Backend {
         return total;
     }
     void scale(float* x, float s, size_t n) override { cuda::scale(x, s, n, stream_); }
-    void adamw_update(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1, float beta2,
+    void adamw_update(float* p, float* g, float* m, float* v, size_t n, float lr, float beta1, float beta2,
                       float eps, float wd, int t, float grad_scale) override {
         // the bias corrections exactly as ops_cpu.cpp adamw_update computes them
         const float bc1 = 1.0f - std::pow(beta1, (float)t), bc2 = 1.0f - std::pow(beta2, (float)t);

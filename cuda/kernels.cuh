@@ -93,7 +93,7 @@ void moe_combine_backward(float* dy, float* dgate, const float* dout, const floa
                           const int* token, int A, int C, cudaStream_t stream);
 
 // adamw.cu
-void adamw_update(float* param, const float* grad, float* m, float* v, size_t n, float lr, float beta1, float beta2,
+void adamw_update(float* param, float* grad, float* m, float* v, size_t n, float lr, float beta1, float beta2,
                   float bc1, float bc2, float eps, float weight_decay, float grad_scale, cudaStream_t stream);
 constexpr int kSumSquaresBlocks = 1024;
 // partial (kSumSquaresBlocks + 1) doubles of scratch; the total ends in partial[kSumSquaresBlocks]

@@ -88,9 +88,9 @@ struct Backend {
     virtual double sum_squares(const float* g, size_t n) = 0;
     virtual void scale(float* x, float s, size_t n) = 0;
     // AdamW on one tensor with gradient grad_scale * grad (the clipping coefficient, folded in so
-    // that clipping costs no pass over the gradients; grad itself is not changed): m,v updated;
-    // bias correction with step t (1-based); decoupled decay.
-    virtual void adamw_update(float* param, const float* grad, float* m, float* v, size_t n, float lr,
+    // that clipping costs no pass over the gradients): m,v updated; bias correction with step t
+    // (1-based); decoupled decay. grad is left zero (no zeroing pass before the next backward).
+    virtual void adamw_update(float* param, float* grad, float* m, float* v, size_t n, float lr,
                               float beta1, float beta2, float eps, float weight_decay, int t,
                               float grad_scale) = 0;
 };

@@ -123,7 +123,7 @@ struct CpuBackend final : Backend {
         #pragma omp parallel for simd schedule(static)
         for (size_t i = 0; i < n; i++) x[i] *= s;
     }
-    void adamw_update(float* p, const float* g, float* m, float* v, size_t n, float lr, float beta1, float beta2,
+    void adamw_update(float* p, float* g, float* m, float* v, size_t n, float lr, float beta1, float beta2,
                       float eps, float wd, int t, float grad_scale) override {
         moe::adamw_update(p, g, m, v, n, lr, beta1, beta2, eps, wd, t, grad_scale);
     }

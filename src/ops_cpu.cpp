@@ -335,12 +335,13 @@ void crossentropy_softmax_backward(float* dlogits, const float* probs, const int
 // says its pointers do not alias (and the build has -fno-math-errno, so sqrt vectorises); the
 // norm keeps VL double lanes per fixed chunk.
 
-void adamw_update(float* __restrict p, const float* __restrict g, float* __restrict m, float* __restrict v,
+void adamw_update(float* __restrict p, float* __restrict g, float* __restrict m, float* __restrict v,
                   size_t n, float lr, float beta1, float beta2, float eps, float wd, int t, float grad_scale) {
     const float bc1 = 1.0f - std::pow(beta1, (float)t), bc2 = 1.0f - std::pow(beta2, (float)t);
 #pragma omp parallel for simd schedule(static)
     for (size_t i = 0; i < n; i++) {
         const float gi = g[i] * grad_scale;  // the float torch's in-place clip would store
+        g[i] = 0.0f;
         const float mi = beta1 * m[i] + (1.0f - beta1) * gi;
         const float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
         m[i] = mi;

@@ -67,10 +67,11 @@ void crossentropy_softmax_forward(float* losses,            // (N)
 void crossentropy_softmax_backward(float* dlogits, const float* probs, const int* targets,
                                    float dloss, int N, int V);
 
-// AdamW on one tensor (torch.optim.AdamW) with gradient grad_scale * grad (clipping; grad is
-// not written): m, v updated; bias correction with step t (1-based); decoupled weight decay on
-// the pre-update weight.
-void adamw_update(float* param, const float* grad, float* m, float* v, size_t n,  // (n) each
+// AdamW on one tensor (torch.optim.AdamW) with gradient grad_scale * grad (clipping): m, v
+// updated; bias correction with step t (1-based); decoupled weight decay on the pre-update
+// weight. grad is left zero, ready for the next backward to accumulate into: zeroing it here,
+// while its cache lines are in hand, saves a pass over all gradients per step.
+void adamw_update(float* param, float* grad, float* m, float* v, size_t n,  // (n) each
                   float lr, float beta1, float beta2, float eps, float weight_decay, int t, float grad_scale);
 // sum of g[i]^2 in double, in a fixed order (fixed chunks, fixed lanes): the same bits for any
 // thread count.

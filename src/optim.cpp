@@ -25,7 +25,7 @@ AdamW::~AdamW() {
     model_.backend().free_bytes(v_);
 }
 
-float AdamW::step(float lr) {
+float AdamW::grad_norm() const {
     Backend& be = model_.backend();
     // replicated tensors are identical on every rank; each owned expert slice lives on one rank
     // of the EP group, so its squares are summed over the group
@@ -35,7 +35,11 @@ float AdamW::step(float lr) {
         (p.sharded ? sharded : replicated) += s;
     }
     Dist::get().allreduce(&sharded, 1, Dist::EP);
-    float norm = (float)std::sqrt(replicated + sharded);
+    return (float)std::sqrt(replicated + sharded);
+}
+
+void AdamW::step(float lr, float norm) {
+    Backend& be = model_.backend();
     // torch.nn.utils.clip_grad_norm_: coefficient clip/(norm+1e-6), never above 1; AdamW applies
     // it as it reads each gradient (the same float products as scaling the gradients first)
     float coef = 1.0f;
@@ -46,7 +50,6 @@ float AdamW::step(float lr) {
         be.adamw_update(model_.weights() + o, model_.grads() + o, m_ + o, v_ + o, p.owned_numel, lr, (float)tc_.beta1, (float)tc_.beta2, 1e-8f,
                         p.decay ? (float)tc_.weight_decay : 0.0f, t_, coef);
     }
-    return norm;
 }
 
 std::vector<float> AdamW::get_m() const {

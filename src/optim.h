@@ -16,9 +16,14 @@ public:
     ~AdamW();
     AdamW(const AdamW&) = delete;
     AdamW& operator=(const AdamW&) = delete;
-    // Clips the model's gradients to tc.grad_clip (if > 0) and applies one update with lr.
-    // Returns the gradient norm before clipping.
-    float step(float lr);
+    // The global gradient norm (all ranks), as clipping sees it.
+    float grad_norm() const;
+    // Clips the model's gradients to tc.grad_clip (if > 0) given their norm, applies one update
+    // with lr and leaves the gradients zero: the next backward accumulates into them without a
+    // zero_grad() (callers may still call it; it is then a pass over zeros).
+    void step(float lr, float norm);
+    // step(lr, grad_norm()); returns the norm
+    float step(float lr) { const float norm = grad_norm(); step(lr, norm); return norm; }
     int t() const { return t_; }
     // host copies of the state, for training-state checkpoints
     std::vector<float> get_m() const, get_v() const;

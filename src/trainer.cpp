@@ -181,8 +181,7 @@ StepResult train_step(GPT& model, AdamW& adamw, DataLoader& train, const Config&
         train.set_position(pos);
         model.rng().state = rng_state;
     }
-    StepResult r;
-    model.zero_grad();
+    StepResult r;   // the gradients are zero here: AdamW (or the skip below) left them so
     MoeStats totals;
     for (int micro = 0; micro < tc.grad_accum; micro++) {
         train.next_batch(inp.data(), tgt.data());
@@ -213,16 +212,15 @@ StepResult train_step(GPT& model, AdamW& adamw, DataLoader& train, const Config&
     // train.nonfinite: an inf/NaN loss or gradient must not reach AdamW, which would spread it
     // into every weight and both moments. The flag is summed over ranks, so that all of them
     // skip or stop at the same step.
-    const double sq = model.backend().sum_squares(model.grads(), model.num_params());
-    double bad = std::isfinite(r.loss) && std::isfinite(sq) ? 0.0 : 1.0;
+    r.norm = adamw.grad_norm();
+    double bad = std::isfinite(r.loss) && std::isfinite(r.norm) ? 0.0 : 1.0;
     d.allreduce(&bad, 1, Dist::WORLD);
     if (bad > 0) {
         r.nonfinite = true;
-        r.norm = (float)std::sqrt(sq);
         model.zero_grad();
         return r;   // no update, no bias update: the weights stay those before this step
     }
-    r.norm = adamw.step(r.lr);
+    adamw.step(r.lr, r.norm);
     for (MoeLayer* m : moe) {
         std::vector<double> routed = m->step_routed();   // the global batch: every rank's micro-batches
         d.allreduce(routed.data(), routed.size(), Dist::WORLD);
