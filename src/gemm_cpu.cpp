@@ -7,6 +7,7 @@
 #include "ops_moe_cpu.h"
 #include "simd_cpu.h"
 
+#include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
@@ -94,6 +95,60 @@ void pack_a(float* ap, const float* a0, size_t sam, size_t sak, int mc, int kc) 
     }
 }
 
+#if defined(__AVX512F__)
+// GCC 12's shuffle intrinsics start from an "undefined" register that -Wmaybe-uninitialized
+// reports (GCC bug 105593, fixed in 13)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+// r[c] = column c of the 16 x 16 block whose rows are r[0..15]: four rounds of shuffles
+inline void transpose_16x16(__m512 r[16]) {
+    __m512 t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        const __m512d a = _mm512_castps_pd(t[4 * i]), b = _mm512_castps_pd(t[4 * i + 2]);
+        const __m512d c = _mm512_castps_pd(t[4 * i + 1]), d = _mm512_castps_pd(t[4 * i + 3]);
+        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+    }
+    for (int q = 0; q < 4; q++) {  // 128-bit lanes: 0x88 takes lanes 0 and 2 of each, 0xdd 1 and 3
+        t[q] = _mm512_shuffle_f32x4(r[q], r[4 + q], 0x88);
+        t[q + 4] = _mm512_shuffle_f32x4(r[q], r[4 + q], 0xdd);
+        t[q + 8] = _mm512_shuffle_f32x4(r[8 + q], r[12 + q], 0x88);
+        t[q + 12] = _mm512_shuffle_f32x4(r[8 + q], r[12 + q], 0xdd);
+    }
+    for (int q = 0; q < 4; q++) {
+        r[q] = _mm512_shuffle_f32x4(t[q], t[q + 8], 0x88);
+        r[q + 8] = _mm512_shuffle_f32x4(t[q], t[q + 8], 0xdd);
+        r[q + 4] = _mm512_shuffle_f32x4(t[q + 4], t[q + 12], 0x88);
+        r[q + 12] = _mm512_shuffle_f32x4(t[q + 4], t[q + 12], 0xdd);
+    }
+}
+
+// One B panel (K x NR, zero padded past w columns) from columns that are contiguous in k
+// (column j at src + j*sbn): 16 x 16 blocks transposed in registers, since the scalar loop's
+// stores, NR floats apart, made this pack cost a third of a 64-row expert GEMM. Returns the k
+// where the blocks stopped (K rounded down to 16); the caller packs the rest.
+int pack_transposed_16(float* dst, const float* src, size_t sbn, int w, int K) {
+    static_assert(NR == 32, "two 16-column halves per panel");
+    const int kend = K / 16 * 16;
+    for (int h = 0; h < NR; h += 16)
+        for (int k0 = 0; k0 < kend; k0 += 16) {
+            __m512 r[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = h + i < w ? _mm512_loadu_ps(src + (size_t)(h + i) * sbn + k0) : _mm512_setzero_ps();
+            transpose_16x16(r);
+            for (int i = 0; i < 16; i++) _mm512_storeu_ps(dst + (size_t)(k0 + i) * NR + h, r[i]);
+        }
+    return kend;
+}
+#pragma GCC diagnostic pop
+#endif
+
 }  // namespace
 
 void gemm(float* c, size_t ldc,                          // (M, Nc), row stride ldc
@@ -134,8 +189,12 @@ void gemm(float* c, size_t ldc,                          // (M, Nc), row stride 
             float* dst = bp + (size_t)p * K * NR;
             const int w = std::min(NR, Nc - p * NR);
             const float* src = B + (size_t)p * NR * sbn;
+            int k0 = 0;
+#if defined(__AVX512F__)
+            if (sbk == 1) k0 = pack_transposed_16(dst, src, sbn, w, K);
+#endif
             for (int j = 0; j < NR; j++)
-                for (int k = 0; k < K; k++)
+                for (int k = k0; k < K; k++)
                     dst[(size_t)k * NR + j] = j < w ? src[(size_t)k * sbk + (size_t)j * sbn] : 0.0f;
         }
     }
