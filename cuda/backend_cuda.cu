@@ -21,7 +21,7 @@ struct CudaBackend final : Backend {
     int device_;
     bool bf16_;
     cudaStream_t stream_ = nullptr;
-    DeviceScratch table_, columns_, buckets_, sums_;
+    DeviceScratch table_, columns_, buckets_, sums_, route_plan_, route_bal_, route_bwd_;
 
     CudaBackend(int device, bool bf16) : device_(device), bf16_(bf16) {
         cudaCheck(cudaSetDevice(device));
@@ -33,6 +33,9 @@ struct CudaBackend final : Backend {
         columns_.release();
         buckets_.release();
         sums_.release();
+        route_plan_.release();
+        route_bal_.release();
+        route_bwd_.release();
         cudaStreamDestroy(stream_);
     }
     std::string name() const override { return "cuda"; }
@@ -182,6 +185,53 @@ struct CudaBackend final : Backend {
     void grouped_matmul_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp,
                                  const float* w, const GroupBlock* blocks, int nblocks, int C, int OC) override {
         cuda::grouped_matmul_backward(dinp, dw, db, dout, inp, w, blocks, nblocks, C, OC, bf16_, table_, stream_);
+    }
+
+    void router_topk_forward(float* s, int* choice_expert, float* choice_gate, const float* z, const float* bias,
+                             const TopkRouterArgs& a) override {
+        check_router(a);
+        cuda::router_topk_forward(s, choice_expert, choice_gate, z, bias, a, stream_);
+    }
+    void router_plan_build(int* offsets, int* routed, int* token, float* gate, int* choice, int* tok_offsets,
+                           int* tok_assign, const int* choice_expert, const float* choice_gate,
+                           const TopkRouterArgs& a) override {
+        check_router(a);
+        void* scratch = route_plan_.ensure(cuda::router_plan_scratch_bytes(a.N, a.E, a.k));
+        cuda::router_plan_build(offsets, routed, token, gate, choice, tok_offsets, tok_assign, scratch, choice_expert,
+                                choice_gate, a, stream_);
+    }
+    // the balancing scratch holds f and P of the forward; the last 4 doubles take the results
+    double* router_balance_scratch(const TopkRouterArgs& a, const RouterLossArgs& l) {
+        return (double*)route_bal_.ensure(cuda::router_balance_scratch_doubles(a, l) * sizeof(double));
+    }
+    RouterLosses router_balance_forward(const float* z, const float* s, const int* choice_expert,
+                                        const float* choice_gate, const TopkRouterArgs& a,
+                                        const RouterLossArgs& l) override {
+        check_router(a);
+        double* scratch = router_balance_scratch(a, l);
+        double* out = scratch + cuda::router_balance_scratch_doubles(a, l) - 4;
+        cuda::router_balance_forward(out, scratch, z, s, choice_expert, choice_gate, a, l, stream_);
+        double h[3];
+        download(h, out, sizeof(h));
+        RouterLosses r;
+        r.aux = h[0];
+        r.z_sum = h[1];
+        r.z = l.z_loss > 0 && a.N > 0 ? l.z_loss * h[1] / a.N : 0.0;
+        r.top1_gate_sum = h[2];
+        return r;
+    }
+    void router_topk_backward(float* dz, const float* dgate, const int* choice, int A, const float* z, const float* s,
+                              const int* choice_expert, const TopkRouterArgs& a, const RouterLossArgs& l,
+                              float dloss_scale) override {
+        check_router(a);
+        float* scratch = (float*)route_bwd_.ensure(cuda::router_backward_scratch_floats(a, l) * sizeof(float));
+        cuda::router_topk_backward(dz, scratch, router_balance_scratch(a, l), dgate, choice, A, z, s, choice_expert, a,
+                                   l, dloss_scale, stream_);
+    }
+    static void check_router(const TopkRouterArgs& a) {
+        if (a.E > cuda::kRouterMaxE || a.k > cuda::kRouterMaxK || a.k > a.E || a.groups < 1 || a.E % a.groups != 0)
+            fail("the CUDA router kernels take at most {} experts and top_k {}, got {} and {} "
+                 "(model.moe.experts, model.moe.top_k)", cuda::kRouterMaxE, cuda::kRouterMaxK, a.E, a.k);
     }
 
     double sum_squares(const float* g, size_t n) override {

@@ -99,11 +99,23 @@ constexpr int kSumSquaresBlocks = 1024;
 // partial (kSumSquaresBlocks + 1) doubles of scratch; the total ends in partial[kSumSquaresBlocks]
 void sum_squares(double* partial, const float* g, size_t n, cudaStream_t stream);
 
-// router.cu: PENDING (not wired in, never run; docs/cuda.md)
-void router_scores_topk(float* scores, int* choice_expert, float* choice_gate, const float* logits, const float* bias,
-                        int N, int E, int k, bool sigmoid, bool normalize, float scale, cudaStream_t stream);
-void router_plan_build(int* counts, int* offsets, int* token, float* gate, const int* choice_expert,
-                       const float* choice_gate, int N, int k, int E, cudaStream_t stream);
+// router.cu: token-choice top-k routing (the Backend routing ops)
+constexpr int kRouterMaxE = kRouterOpsMaxE;   // experts a layer may have for routing on the device
+constexpr int kRouterMaxK = kRouterOpsMaxK;   // choices per token
+void router_topk_forward(float* s, int* choice_expert, float* choice_gate, const float* z, const float* bias,
+                         const TopkRouterArgs& a, cudaStream_t stream);
+size_t router_plan_scratch_bytes(int N, int E, int k);
+void router_plan_build(int* offsets, int* routed, int* token, float* gate, int* choice, int* tok_offsets,
+                       int* tok_assign, void* scratch, const int* choice_expert, const float* choice_gate,
+                       const TopkRouterArgs& a, cudaStream_t stream);
+size_t router_balance_scratch_doubles(const TopkRouterArgs& a, const RouterLossArgs& l);
+void router_balance_forward(double* out, double* scratch, const float* z, const float* s, const int* choice_expert,
+                            const float* choice_gate, const TopkRouterArgs& a, const RouterLossArgs& l,
+                            cudaStream_t stream);
+size_t router_backward_scratch_floats(const TopkRouterArgs& a, const RouterLossArgs& l);
+void router_topk_backward(float* dz, float* scratch, double* balance_scratch, const float* dgate, const int* choice,
+                          int A, const float* z, const float* s, const int* choice_expert, const TopkRouterArgs& a,
+                          const RouterLossArgs& l, float dloss_scale, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace moe

@@ -14,6 +14,34 @@ namespace moe {
 // (expert parallel: by source rank, then local expert); blocks never overlap.
 struct GroupBlock { int expert, row0, rows; };
 
+// Token-choice top-k routing of one micro-batch as backend ops (docs/moe.md "Router", docs/cuda.md
+// "Routing"): N tokens, E experts, k choices per token (choice m = n*k + j), M = N*k.
+struct TopkRouterArgs {
+    int N = 0, E = 0, k = 1;
+    bool sigmoid = false;              // score: sigmoid, else softmax
+    int groups = 1, topk_groups = 1;   // group-limited selection (groups 1 = off)
+    bool normalize = true;             // renormalise the k gates of a token to sum 1 ...
+    float scale = 1.0f;                // ... then multiply by scale
+    int capacity = 0;                  // kept assignments per expert; <= 0: dropless
+    bool drop_by_probs = true;         // full expert drops its lowest gates, else its latest tokens
+};
+// Largest shapes the routing ops take (the CUDA kernels' per-warp shared memory and registers);
+// larger layers route on the host.
+constexpr int kRouterOpsMaxE = 1024, kRouterOpsMaxK = 16;
+// The balancing terms of the routed micro-batch (coefficients included; 0 = off).
+struct RouterLossArgs {
+    double aux_loss = 0.0;             // Switch aux loss alpha
+    int aux_seq_len = 0;               // > 0: sequence scope, sequences of this many tokens
+    const double* aux_counts = nullptr;  // global scope: routed counts (E) of the whole step, host memory
+    double z_loss = 0.0;               // beta
+};
+// What the host reads back of the balancing forward.
+struct RouterLosses {
+    double aux = 0.0, z = 0.0;         // the terms, coefficients included
+    double z_sum = 0.0;                // sum over tokens of logsumexp(z)^2 (statistics)
+    double top1_gate_sum = 0.0;        // sum over tokens of the largest gate of each token
+};
+
 struct Backend {
     virtual ~Backend() = default;
     virtual std::string name() const = 0;
@@ -82,6 +110,31 @@ struct Backend {
     virtual void grouped_matmul_backward(float* dinp, float* dweight, float* dbias, const float* dout,
                                          const float* inp, const float* weight, const GroupBlock* blocks,
                                          int nblocks, int C, int OC) = 0;
+
+    // Routing ops (token-choice top-k; the CPU twins are the host functions of moe_router.h, which
+    // the CPU backend calls: src/router_ops.cpp). All arrays are backend memory unless said.
+    // Scores s (N, E) = softmax/sigmoid(z (N, E)); per token the top k of s + bias (bias (E) or
+    // null; ties: lower expert), group-limited if groups > 1, in order of selection:
+    // choice_expert (M); choice_gate (M) from s, normalised and scaled.
+    virtual void router_topk_forward(float* s, int* choice_expert, float* choice_gate, const float* z,
+                                     const float* bias, const TopkRouterArgs& a) = 0;
+    // The dispatch plan of the choices: routed (E) choices per expert before dropping; capacity
+    // drops (by gate, ties: earlier choice; or latest first); offsets (E+1) of the kept
+    // assignments per expert; token, gate, choice (A = offsets[E] <= M) grouped by expert, by
+    // token within; the token CSR tok_offsets (N+1) / tok_assign (A).
+    virtual void router_plan_build(int* offsets, int* routed, int* token, float* gate, int* choice,
+                                   int* tok_offsets, int* tok_assign, const int* choice_expert,
+                                   const float* choice_gate, const TopkRouterArgs& a) = 0;
+    // The balancing terms and routing statistics of the micro-batch (returned to the host).
+    virtual RouterLosses router_balance_forward(const float* z, const float* s, const int* choice_expert,
+                                                const float* choice_gate, const TopkRouterArgs& a,
+                                                const RouterLossArgs& l) = 0;
+    // dz (N, E), overwritten: d(loss)/d(logits) from dgate (A) (the combine's gate gradient, A =
+    // assignments of the plan, choice (A) their router choice) through gates and scores, plus
+    // dloss_scale * the balancing terms of `l` (pass a default RouterLossArgs for none).
+    virtual void router_topk_backward(float* dz, const float* dgate, const int* choice, int A, const float* z,
+                                      const float* s, const int* choice_expert, const TopkRouterArgs& a,
+                                      const RouterLossArgs& l, float dloss_scale) = 0;
 
     // optimizer ops
     // sum of squares of g (n floats), reduced in a fixed order so that runs are reproducible

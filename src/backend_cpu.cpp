@@ -3,6 +3,7 @@
 #include "backend.h"
 #include "ops_cpu.h"
 #include "ops_moe_cpu.h"
+#include "router_ops.h"
 
 #include <algorithm>
 #include <cmath>
@@ -116,6 +117,27 @@ struct CpuBackend final : Backend {
     void grouped_matmul_backward(float* dinp, float* dw, float* db, const float* dout, const float* inp,
                                  const float* w, const GroupBlock* blocks, int nblocks, int C, int OC) override {
         moe::grouped_matmul_backward(dinp, dw, db, dout, inp, w, blocks, nblocks, C, OC);
+    }
+
+    void router_topk_forward(float* s, int* choice_expert, float* choice_gate, const float* z, const float* bias,
+                             const TopkRouterArgs& a) override {
+        router_topk_forward_cpu(s, choice_expert, choice_gate, z, bias, a);
+    }
+    void router_plan_build(int* offsets, int* routed, int* token, float* gate, int* choice, int* tok_offsets,
+                           int* tok_assign, const int* choice_expert, const float* choice_gate,
+                           const TopkRouterArgs& a) override {
+        router_plan_build_cpu(offsets, routed, token, gate, choice, tok_offsets, tok_assign, choice_expert,
+                              choice_gate, a);
+    }
+    RouterLosses router_balance_forward(const float* z, const float* s, const int* choice_expert,
+                                        const float* choice_gate, const TopkRouterArgs& a,
+                                        const RouterLossArgs& l) override {
+        return router_balance_forward_cpu(z, s, choice_expert, choice_gate, a, l);
+    }
+    void router_topk_backward(float* dz, const float* dgate, const int* choice, int A, const float* z, const float* s,
+                              const int* choice_expert, const TopkRouterArgs& a, const RouterLossArgs& l,
+                              float dloss_scale) override {
+        router_topk_backward_cpu(dz, dgate, choice, A, z, s, choice_expert, a, l, dloss_scale);
     }
 
     double sum_squares(const float* g, size_t n) override { return moe::sum_squares(g, n); }
