@@ -1,8 +1,9 @@
 /* The MoE FFN layer (docs/moe.md is its exact contract): a router turns the layer input into
    an explicit dispatch plan (who goes to which expert with which gate, what is dropped), the
    experts run as one grouped FFN over the plan, combine adds their outputs back per token.
-   Routing math is host code on (N, E) arrays (moe_router.cpp); expert compute goes through the
-   Backend (moe_layer.cpp), so the same layer runs on either backend. */
+   Routing (moe_route.cpp) runs as Backend routing ops or as host code on (N, E) arrays
+   (moe_router.cpp); expert compute goes through the Backend (moe_layer.cpp), so the same layer
+   runs on either backend. */
 #pragma once
 #include "backend.h"
 #include "common.h"
@@ -26,7 +27,7 @@ struct DispatchPlan {
     std::vector<int> choice;     // (A) index of the router choice it came from (for gate gradients)
     std::vector<int> tok_offsets;  // (N+1) CSR by token: assignments of token n are
     std::vector<int> tok_assign;   //   tok_assign[tok_offsets[n] .. tok_offsets[n+1])  (A)
-    int kept() const { return (int)token.size(); }
+    int kept() const { return offsets.empty() ? 0 : offsets.back(); }   // A
 };
 
 // Everything the router decided and saved for backward, for one micro-batch.
@@ -77,7 +78,13 @@ public:
     void backward(float* dx, const float* dout, float* weights, float* grads, float dloss_scale);
 
     const MoeStats& stats() const { return stats_; }
-    const Routing& routing() const { return r_; }
+    // Everything the router decided, on the host. With routing ops (routes_with_ops) the layer
+    // keeps it in backend memory and this reads it back (N*E floats) on first use after a forward.
+    const Routing& routing() const;
+    // Whether this configuration routes by Backend routing ops (on the GPU with CUDA) rather
+    // than by host code (docs/cuda.md "Routing").
+    static bool routes_with_ops(const Config& cfg);
+    bool ops_routing() const { return ops_routing_; }
     int layer() const { return layer_; }
     int experts() const { return E_; }
 
@@ -102,7 +109,15 @@ public:
 private:
     struct Expert { size_t fc_w, fc_b, proj_w, proj_b; int count, ff; };
     void ensure_buffers(int N, int A_max);
+    // routing (moe_route.cpp): by backend ops or on the host
     void route(const float* rin, const int* tokens, int B, int T, bool training, float* weights, Rng& rng);
+    void route_ops(const float* rin, int B, int T, bool training, float* weights);
+    void route_host(const float* rin, const int* tokens, int B, int T, bool training, float* weights, Rng& rng);
+    void route_backward(float* dx, float* weights, float* grads, float dloss_scale);
+    void route_backward_host(float dloss_scale);
+    void count_plan(bool training);
+    TopkRouterArgs topk_args(int N, bool training) const;
+    RouterLossArgs loss_args(bool training) const;
     void soft_forward(float* out, const float* x, int B, int T, float* weights);
     void soft_backward(float* dx, const float* dout, float* weights, float* grads);
     // one expert FFN over `rows` rows: x (rows, C) -> y (rows, C), keeping h and act
@@ -125,7 +140,7 @@ private:
     RouterConfig rc_;
     BalanceConfig bal_;
     int layer_, C_, E_, k_, V_, seed_;
-    bool swiglu_;
+    bool swiglu_, ops_routing_;
     Backend& be_;
     const std::vector<ParamTensor>& params_;
     size_t p_router_ = SIZE_MAX, p_noise_ = SIZE_MAX, p_slots_ = SIZE_MAX;
@@ -135,7 +150,8 @@ private:
     std::vector<double> step_routed_, global_routed_;
     bool counting_ = false, training_ = false;
     int B_ = 0, T_ = 0;
-    Routing r_;
+    mutable Routing r_;
+    mutable bool host_stale_ = false;   // r_ has only N, E, M, routed, plan.offsets (routing ops)
     MoeStats stats_;
     std::vector<float> jitter_;
     const float* x_ = nullptr;      // the forward's input (model activation, alive until backward)
@@ -148,6 +164,9 @@ private:
     float *xg_ = nullptr, *h_ = nullptr, *act_ = nullptr, *y_ = nullptr;     // (A, C) (A, Fh) (A, F) (A, C)
     float *gate_ = nullptr, *dgate_ = nullptr;                                // (A)
     int *token_ = nullptr, *tok_off_ = nullptr, *tok_assign_ = nullptr;       // (A) (N+1) (A)
+    // routing ops: scores, choices, the plan's choice per assignment, offsets + routed counts
+    float *s_dev_ = nullptr, *cgate_ = nullptr, *bias_dev_ = nullptr;         // (N, E) (M) (E)
+    int *cexp_ = nullptr, *choice_dev_ = nullptr, *counts_dev_ = nullptr;     // (M) (A) (E+1 + E)
     float *sh_h_ = nullptr, *sh_act_ = nullptr, *sh_y_ = nullptr;            // (S, N, Fh) (S, N, F) (N, C)
     float *dy_ = nullptr, *dh_ = nullptr, *dact_ = nullptr, *dxg_ = nullptr;  // backward scratch
     float *dz_ = nullptr, *dpre_ = nullptr, *dxr_ = nullptr, *tmp_ = nullptr;

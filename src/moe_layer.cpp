@@ -1,6 +1,6 @@
 /* The MoE FFN layer: router -> dispatch plan -> grouped expert FFN -> combine, forward and
-   backward (docs/moe.md). Routing decisions are host data (moe_router.cpp); every tensor op
-   goes through the Backend. Experts of one layer are stored stacked, (E, Fh, C) and (E, C, F),
+   backward (docs/moe.md). Routing (moe_route.cpp) produces the dispatch plan, by backend ops or
+   host code; every tensor op goes through the Backend. Experts of one layer are stored stacked, (E, Fh, C) and (E, C, F),
    and run as one GEMM pair per expert over its contiguous slice of the dispatched rows. */
 #include "moe.h"
 #include "model.h"
@@ -27,7 +27,7 @@ MoeLayer::MoeLayer(const Config& cfg, int layer, Backend& be, const std::vector<
                    const AddParam& add)
     : rc_(cfg.router), bal_(cfg.balance), layer_(layer), C_(cfg.model.d_model), E_(cfg.model.moe.experts),
       k_(cfg.model.moe.top_k), V_(cfg.model.vocab_size), seed_((int)cfg.train.seed),
-      swiglu_(cfg.model.moe.activation == "swiglu"), be_(be), params_(params) {
+      swiglu_(cfg.model.moe.activation == "swiglu"), ops_routing_(routes_with_ops(cfg)), be_(be), params_(params) {
     const int64_t C = C_, E = E_, Fe = cfg.model.moe.expert_ff, S = cfg.model.moe.shared_experts,
                   Fs = cfg.model.moe.shared_ff, hw = swiglu_ ? 2 : 1;
     const std::string p = "h." + std::to_string(layer) + ".moe.";
@@ -71,6 +71,10 @@ void MoeLayer::ensure_buffers(int N, int A) {
     xg_ = f(A * C); h_ = f(A * Fh); act_ = f(A * F); y_ = f(A * C);
     gate_ = f(A); dgate_ = f(A);
     token_ = i(A); tok_off_ = i(N + 1); tok_assign_ = i(A);
+    if (ops_routing_) {   // A = N*k: every choice a row
+        s_dev_ = f(N * E); cgate_ = f(A); bias_dev_ = f(E);
+        cexp_ = i(A); choice_dev_ = i(A); counts_dev_ = i(2 * E + 1);
+    }
     sh_h_ = f(S * N * Fsh); sh_act_ = f(S * N * Fs); sh_y_ = f(N * C);
     const size_t Fmax = std::max(F, Fs), Fhmax = std::max(Fh, Fsh), R = std::max((size_t)A, (size_t)N);
     dy_ = f(A * C); dh_ = f(R * Fhmax); dact_ = f(R * Fmax); dxg_ = f(A * C);
@@ -196,76 +200,6 @@ void MoeLayer::ensure_remote(int R) {
     }
 }
 
-void MoeLayer::route(const float* rin, const int* tokens, int B, int T, bool training, float* w, Rng& rng) {
-    const int N = B * T, E = E_;
-    Routing& r = r_;
-    r.N = N; r.E = E;
-    r.eps.clear(); r.noise_std.clear(); r.noise_pre.clear();
-    if (p_router_ != SIZE_MAX) {
-        be_.matmul_forward(z_, rin, P(w, p_router_), nullptr, N, C_, E);   // (N, E)
-        r.z_clean.resize((size_t)N * E);
-        be_.download(r.z_clean.data(), z_, r.z_clean.size() * sizeof(float));
-        r.z = r.z_clean;
-        if (p_noise_ != SIZE_MAX && training) {
-            be_.matmul_forward(pre_, rin, P(w, p_noise_), nullptr, N, C_, E);
-            r.noise_pre.resize((size_t)N * E);
-            be_.download(r.noise_pre.data(), pre_, r.noise_pre.size() * sizeof(float));
-            r.noise_std.resize(r.noise_pre.size());
-            r.eps.resize(r.noise_pre.size());
-            for (size_t i = 0; i < r.z.size(); i++) {
-                float a = r.noise_pre[i];
-                r.noise_std[i] = a > 20.0f ? a : std::log1p(std::exp(a));    // softplus
-                r.eps[i] = rng.normal();
-                r.z[i] = r.z_clean[i] + r.eps[i] * r.noise_std[i];
-            }
-        }
-        router_scores(r.s, r.z, N, E, rc_.score == "sigmoid");
-    }
-    const double cf = training ? rc_.capacity_factor : rc_.eval_capacity_factor;
-    const bool token_choice = rc_.type == "topk" || rc_.type == "sinkhorn";
-    if (token_choice) {
-        std::vector<float> sel;
-        if (rc_.type == "sinkhorn" && training) {
-            sel = sinkhorn_balance(r.z, N, E);
-        } else {
-            sel = r.s;
-            if (!bias_.empty())
-                for (int n = 0; n < N; n++) for (int e = 0; e < E; e++) sel[(size_t)n * E + e] += bias_[e];
-        }
-        select_topk(r, sel, k_, rc_.type == "topk" ? rc_.groups : 1, rc_.type == "topk" ? rc_.topk_groups : 1);
-        choice_gates(r, k_, rc_.normalize_topk, (float)rc_.scale, true);
-    } else if (rc_.type == "expert_choice") {
-        int cap = std::min(N, (int)std::ceil(rc_.expert_choice_capacity * N / E));
-        select_expert_choice(r, cap);
-        choice_gates(r, k_, false, (float)rc_.scale, false);
-    } else {  // hash
-        select_hash(r, tokens, table_);
-    }
-    int cap = (cf > 0 && rc_.type != "expert_choice") ? (int)std::ceil(cf * (rc_.type == "hash" ? 1 : k_) * N / E) : 0;
-    apply_capacity(r, cap, rc_.drop_policy == "probs");
-    build_plan(r);
-
-    // statistics and balancing terms
-    MoeStats& st = stats_;
-    st = MoeStats{};
-    if (training && p_router_ != SIZE_MAX) balance_forward(st, r, bal_, k_, T, global_routed_);
-    else if (!r.z.empty()) {
-        BalanceConfig none;
-        balance_forward(st, r, none, k_, T, {});
-    }
-    st.routed = r.routed;
-    st.kept.assign(E, 0.0);
-    for (int e = 0; e < E; e++) st.kept[e] = r.plan.offsets[e + 1] - r.plan.offsets[e];
-    st.assignments = r.M;
-    st.dropped = r.M - r.plan.kept();
-    st.tokens = N;
-    std::vector<float> top1(N, 0.0f);
-    for (int m = 0; m < r.M; m++) top1[r.choice_token[m]] = std::max(top1[r.choice_token[m]], r.choice_gate[m]);
-    st.top1_gate_sum = std::accumulate(top1.begin(), top1.end(), 0.0);
-    if (training && !counting_)
-        for (int e = 0; e < E; e++) step_routed_[e] += r.routed[e];
-}
-
 void MoeLayer::forward(float* out, const float* x, const int* tokens, int B, int T, bool training, float* w,
                        Rng& rng) {
     const int N = B * T, E = E_;
@@ -288,13 +222,9 @@ void MoeLayer::forward(float* out, const float* x, const int* tokens, int B, int
             be_.mul_accumulate(xr_, x, jit_, jitter_.size());                  // x_r = x * m
             rin_ = xr_;
         }
-        route(rin_, tokens, B, T, training, w, rng);
+        route(rin_, tokens, B, T, training, w, rng);      // the plan, in backend memory (moe_route.cpp)
         const DispatchPlan& p = r_.plan;
         const int A = p.kept();
-        be_.upload(token_, p.token.data(), A * sizeof(int));
-        be_.upload(gate_, p.gate.data(), A * sizeof(float));
-        be_.upload(tok_off_, p.tok_offsets.data(), (N + 1) * sizeof(int));
-        be_.upload(tok_assign_, p.tok_assign.data(), A * sizeof(int));
         be_.moe_dispatch_forward(xg_, x, token_, A, C_);                     // (A, C)
         if (Dist::get().exchange()) exchange_forward(w);
         else grouped_forward(routed_, plan_blocks(p.offsets, E_), xg_, h_, act_, y_, w);
@@ -310,7 +240,7 @@ void MoeLayer::forward(float* out, const float* x, const int* tokens, int B, int
 }
 
 void MoeLayer::backward(float* dx, const float* dout, float* w, float* g, float scale) {
-    const int N = B_ * T_, E = E_;
+    const int N = B_ * T_;
     const size_t Fs = shared_.ff, Fsh = swiglu_ ? 2 * Fs : Fs;
     for (int j = 0; j < shared_.count; j++)
         ffn_backward(dx, P(g, shared_.fc_w) + j * Fsh * C_, P(g, shared_.fc_b) + j * Fsh,
@@ -325,41 +255,7 @@ void MoeLayer::backward(float* dx, const float* dout, float* w, float* g, float 
     if (Dist::get().exchange()) exchange_backward(w, g);
     else grouped_backward(routed_, plan_blocks(p.offsets, E_), dxg_, dy_, xg_, h_, act_, A, w, g);
     be_.moe_dispatch_backward(dx, dxg_, tok_off_, tok_assign_, N, C_);
-    if (p_router_ == SIZE_MAX) return;  // hash: no router parameters
-
-    // gate gradients -> scores -> logits, plus the balancing terms
-    const Routing& r = r_;
-    std::vector<float> dgate_a(A), dchoice(r.M, 0.0f);
-    be_.download(dgate_a.data(), dgate_, A * sizeof(float));
-    for (int a = 0; a < A; a++) dchoice[p.choice[a]] = dgate_a[a];
-    BalanceGrads bg;
-    bg.ds.assign((size_t)N * E, 0.0f);
-    bg.dz.assign((size_t)N * E, 0.0f);
-    bg.dzc.assign((size_t)N * E, 0.0f);
-    bg.dstd.assign((size_t)N * E, 0.0f);
-    const bool token_choice = rc_.type != "expert_choice";
-    choice_gates_backward(bg.ds, r, dchoice, k_, token_choice && rc_.normalize_topk, (float)rc_.scale, token_choice);
-    if (training_) balance_backward(bg, r, bal_, k_, T_, global_routed_, scale);
-    router_scores_backward(bg.dz, bg.ds, r.s, N, E, rc_.score == "sigmoid");
-    const bool noisy = !r.noise_std.empty();
-    std::vector<float> dpre;
-    if (noisy) {
-        dpre.resize((size_t)N * E);
-        for (size_t i = 0; i < dpre.size(); i++) {
-            float dstd = bg.dz[i] * r.eps[i] + bg.dstd[i];
-            dpre[i] = dstd / (1.0f + std::exp(-r.noise_pre[i]));               // softplus' = sigmoid
-        }
-    }
-    for (size_t i = 0; i < bg.dz.size(); i++) bg.dz[i] += bg.dzc[i];          // d z_clean
-    float* drin = dx;
-    if (rin_ != x_) { be_.zero(dxr_, (size_t)N * C_ * sizeof(float)); drin = dxr_; }
-    be_.upload(dz_, bg.dz.data(), bg.dz.size() * sizeof(float));
-    be_.matmul_backward(drin, P(g, p_router_), nullptr, dz_, rin_, P(w, p_router_), N, C_, E);
-    if (noisy) {
-        be_.upload(dpre_, dpre.data(), dpre.size() * sizeof(float));
-        be_.matmul_backward(drin, P(g, p_noise_), nullptr, dpre_, rin_, P(w, p_noise_), N, C_, E);
-    }
-    if (rin_ != x_) be_.mul_accumulate(dx, dxr_, jit_, (size_t)N * C_);        // x_r = x * m
+    if (p_router_ != SIZE_MAX) route_backward(dx, w, g, scale);   // router gradients (moe_route.cpp)
 }
 
 // Soft MoE (Puigcerver et al.): per sequence, logits L = x Phi (T, S); dispatch weights D are a

@@ -171,7 +171,7 @@ StepResult train_step(GPT& model, AdamW& adamw, DataLoader& train, const Config&
             train.next_batch(inp.data(), tgt.data());
             model.forward(inp.data(), tgt.data(), B, T);
             for (size_t i = 0; i < moe.size(); i++)
-                for (size_t e = 0; e < counts[i].size(); e++) counts[i][e] += moe[i]->routing().routed[e];
+                for (size_t e = 0; e < counts[i].size(); e++) counts[i][e] += moe[i]->stats().routed[e];
         }
         for (size_t i = 0; i < moe.size(); i++) {
             Dist::get().allreduce(counts[i].data(), counts[i].size(), Dist::WORLD);  // all ranks' micro-batches
