@@ -73,6 +73,11 @@ std::vector<ModelCase> model_cases() {
         {"odd shapes (V 67, T 19, C 36, 3 heads, 5 experts of 17)", "configs/quickstart.yaml",
          with(shrink(67, 19, 36, 3, 3), {"model.d_ff=50", "model.moe.experts=5", "model.moe.expert_ff=17",
                                          "model.moe.shared_ff=9", "router.capacity_factor=1.25"})},
+        {"group-limited sigmoid routing with the aux-free bias, sequence aux, position drops",
+         "configs/quickstart.yaml",
+         with(moe_small, {"model.moe.experts=16", "model.moe.top_k=4", "router.groups=4", "router.topk_groups=2",
+                          "router.score=sigmoid", "balance.bias_rate=0.001", "balance.aux_scope=sequence",
+                          "router.capacity_factor=1.0", "router.drop_policy=position"})},
     };
 }
 
@@ -113,6 +118,8 @@ void one_step(const ModelCase& c) {
     std::vector<MoeLayer*> rc = mc.moe_layers(), rg = mg.moe_layers();
     REQUIRE(rc.size() == rg.size());
     for (size_t i = 0; i < rc.size(); i++) {
+        // every MoE case here is token-choice top-k: routed by the routing ops (cuda/router.cu)
+        CHECK(rg[i]->ops_routing());
         INFO("MoE layer " << rc[i]->layer() << ": CUDA routed differently (router logits differ)");
         const DispatchPlan &pc = rc[i]->routing().plan, &pg = rg[i]->routing().plan;
         CHECK(pc.offsets == pg.offsets);
@@ -262,9 +269,10 @@ TEST_CASE("gpu model: every routing variant trains on CUDA or fails with a clear
     REQUIRE(!files.empty());
     TempDir dir;
     synth_corpus(dir / "data", 100000, 1337, 0.1);
-    int trained = 0, refused = 0;
+    int trained = 0, refused = 0, ops_routed = 0;
     for (const std::string& file : files) {
         CAPTURE(file);
+        ops_routed += MoeLayer::routes_with_ops(load_config(file, {}));
         std::string args = " train " + file;
         for (const char* kv : {"model.seq_len=32", "model.n_layer=2", "model.d_model=32", "model.n_head=2",
                                "train.batch_size=2", "train.steps=3", "train.warmup=1", "train.eval_every=0",
@@ -298,5 +306,6 @@ TEST_CASE("gpu model: every routing variant trains on CUDA or fails with a clear
                    line.find("model.moe.") != std::string::npos));
         }
     }
-    MESSAGE("routing variants on CUDA: " << trained << " train, " << refused << " refused with an error");
+    MESSAGE("routing variants on CUDA: " << trained << " train, " << refused << " refused with an error; "
+            << ops_routed << " of " << files.size() << " route with the device routing ops, the rest on the host");
 }
