@@ -297,15 +297,21 @@ void balance_forward(MoeStats& st, const Routing& r, const BalanceConfig& bal, i
             }
         } else {
             std::vector<double> f = load_fractions(bal.aux_scope == "global" && !global_routed.empty() ? global_routed : r.routed);
-            for (int i = 0; i < E; i++) {
-                double P = 0.0;
-                for (int n = 0; n < N; n++) P += r.s[(size_t)n * E + i];
-                st.aux += bal.aux_loss * E * f[i] * P / N;
-            }
+            // column sums, each in token order on one thread (the same bits for any thread count)
+            std::vector<double> P(E, 0.0);
+            #pragma omp parallel for schedule(static)
+            for (int i = 0; i < E; i++)
+                for (int n = 0; n < N; n++) P[i] += r.s[(size_t)n * E + i];
+            for (int i = 0; i < E; i++) st.aux += bal.aux_loss * E * f[i] * P[i] / N;
         }
     }
+    // per-token log-sum-exps in parallel (N x E double exps: with 64 experts this was the
+    // largest serial part of a step), summed in token order
+    std::vector<double> lse(N);
+    #pragma omp parallel for schedule(static)
+    for (int n = 0; n < N; n++) lse[n] = lse_row(&r.z[(size_t)n * E], E);
     double zsum = 0.0;
-    for (int n = 0; n < N; n++) { double l = lse_row(&r.z[(size_t)n * E], E); zsum += l * l; }
+    for (int n = 0; n < N; n++) zsum += lse[n] * lse[n];
     st.z_mean_sum = zsum;
     if (bal.z_loss > 0) st.z = bal.z_loss * zsum / N;
     if (bal.importance_loss > 0) {
@@ -338,11 +344,15 @@ void balance_backward(BalanceGrads& g, const Routing& r, const BalanceConfig& ba
             }
         } else {
             std::vector<double> f = load_fractions(bal.aux_scope == "global" && !global_routed.empty() ? global_routed : r.routed);
+            std::vector<float> d(E);
+            for (int i = 0; i < E; i++) d[i] = (float)(scale * bal.aux_loss * E * f[i] / N);
+            #pragma omp parallel for schedule(static)
             for (int n = 0; n < N; n++)
-                for (int i = 0; i < E; i++) g.ds[(size_t)n * E + i] += (float)(scale * bal.aux_loss * E * f[i] / N);
+                for (int i = 0; i < E; i++) g.ds[(size_t)n * E + i] += d[i];
         }
     }
     if (bal.z_loss > 0) {
+        #pragma omp parallel for schedule(static)
         for (int n = 0; n < N; n++) {
             const float* z = &r.z[(size_t)n * E];
             double l = lse_row(z, E);
