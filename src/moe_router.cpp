@@ -1,5 +1,6 @@
 /* Routing math of the MoE layer; see moe_router.h and docs/moe.md for the exact definitions. */
 #include "moe_router.h"
+#include "simd_cpu.h"
 
 #include <algorithm>
 #include <cmath>
@@ -223,11 +224,13 @@ void build_plan(Routing& r) {
 // ---------------------------------------------------------------------------------------
 // balancing terms
 
-static double lse_row(const float* z, int E) {
-    float mx = *std::max_element(z, z + E);
-    double s = 0.0;
-    for (int e = 0; e < E; e++) s += std::exp((double)z[e] - mx);
-    return mx + std::log(s);
+// log-sum-exp of a row for the z-loss, with float exps as torch's float32 logsumexp has (the
+// vector exp: N x E scalar double exps were most of the routing's time with 64 experts); e (E)
+// gets exp(z - max), *sum their sum (fixed lane order: the same bits for any thread count)
+static double lse_row(const float* z, int E, float* e, float* sum) {
+    const float mx = *std::max_element(z, z + E);
+    *sum = simd::exp_shift_sum(e, z, mx, E);
+    return mx + std::log((double)*sum);
 }
 
 // CV^2 = var / mean^2 (population variance) and its gradient w.r.t. each entry.
@@ -308,8 +311,13 @@ void balance_forward(MoeStats& st, const Routing& r, const BalanceConfig& bal, i
     // per-token log-sum-exps in parallel (N x E double exps: with 64 experts this was the
     // largest serial part of a step), summed in token order
     std::vector<double> lse(N);
-    #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) lse[n] = lse_row(&r.z[(size_t)n * E], E);
+    #pragma omp parallel
+    {
+        std::vector<float> e(E);
+        float sum;
+        #pragma omp for schedule(static)
+        for (int n = 0; n < N; n++) lse[n] = lse_row(&r.z[(size_t)n * E], E, e.data(), &sum);
+    }
     double zsum = 0.0;
     for (int n = 0; n < N; n++) zsum += lse[n] * lse[n];
     st.z_mean_sum = zsum;
@@ -352,12 +360,16 @@ void balance_backward(BalanceGrads& g, const Routing& r, const BalanceConfig& ba
         }
     }
     if (bal.z_loss > 0) {
-        #pragma omp parallel for schedule(static)
-        for (int n = 0; n < N; n++) {
-            const float* z = &r.z[(size_t)n * E];
-            double l = lse_row(z, E);
-            for (int i = 0; i < E; i++)
-                g.dz[(size_t)n * E + i] += (float)(scale * bal.z_loss * 2.0 * l * std::exp((double)z[i] - l) / N);
+        #pragma omp parallel
+        {
+            std::vector<float> e(E);
+            float sum;
+            #pragma omp for schedule(static)
+            for (int n = 0; n < N; n++) {
+                const double l = lse_row(&r.z[(size_t)n * E], E, e.data(), &sum);
+                for (int i = 0; i < E; i++)   // softmax(z)_i = e_i / sum
+                    g.dz[(size_t)n * E + i] += (float)(scale * bal.z_loss * 2.0 * l * ((double)e[i] / sum) / N);
+            }
         }
     }
     if (bal.importance_loss > 0) {
