@@ -8,7 +8,9 @@
      then dq = scale sum_j P (dP - delta) k_j (pass 2), with dP = dout . v_j; it stores delta.
      Kernel 2, per key row: dv = sum_i P_ij dout_i, dk = scale sum_i P_ij (dP_ij - delta_i) q_i.
    Every output element is summed by one thread in a fixed order: no atomics, bit-reproducible.
-   Exponentials are exp_fast (as src/simd_cpu.h). Head size at most kAttentionMaxHeadSize (128). */
+   Exponentials are exp_fast (as src/simd_cpu.h). Head size at most kAttentionMaxHeadSize (128).
+   In bf16 mode the launchers hand head sizes 32, 64 and 128 to the tensor-core kernels of
+   attention_tc.cu; every other head size, and fp32 mode, runs the kernels here. */
 #include "kernels.cuh"
 
 namespace moe {
@@ -246,9 +248,10 @@ void check_heads(int C, int NH) {
 void attention_forward(float* out,        // (B, T, C)
                        float* lse,        // (B, NH, T) saved for the backward
                        const float* qkv,  // (B, T, 3C)
-                       int B, int T, int C, int NH, cudaStream_t stream) {
+                       int B, int T, int C, int NH, bool bf16, cudaStream_t stream) {
     check_heads(C, NH);
     if (B <= 0 || T <= 0) return;
+    if (bf16 && attention_tc_supported(C / NH)) return attention_tc_forward(out, lse, qkv, B, T, C, NH, stream);
     const int hs = C / NH, QR = kFwdRowsPerWarp * kAttWarps;
     const size_t smem = (size_t)(QR * hs + 2 * kAttTile * (hs + 1)) * sizeof(float);
     const float scale = 1.0f / sqrtf((float)hs);
@@ -262,9 +265,13 @@ void attention_backward(float* dqkv,        // (B, T, 3C), +=
                         const float* dout,  // (B, T, C)
                         const float* qkv,   // (B, T, 3C)
                         const float* lse,   // (B, NH, T) from the forward
-                        int B, int T, int C, int NH, cudaStream_t stream) {
+                        int B, int T, int C, int NH, bool bf16, cudaStream_t stream) {
     check_heads(C, NH);
     if (B <= 0 || T <= 0) return;
+    // the lse of either forward serves either backward (same definition); bf16 picks the same
+    // kernels in both directions
+    if (bf16 && attention_tc_supported(C / NH))
+        return attention_tc_backward(dqkv, delta, dout, qkv, lse, B, T, C, NH, stream);
     const int hs = C / NH, R = kBwdRowsPerWarp * kAttWarps;
     const float scale = 1.0f / sqrtf((float)hs);
     const size_t smem = (size_t)(2 * R * hs + 2 * kAttTile * (hs + 1) + 2 * kAttTile) * sizeof(float);

@@ -2,8 +2,8 @@
    of cuda/ (one .cu file per op family), all queued on one stream. Memory is cudaMalloc'ed
    (zero-filled); upload is an async copy from pageable host memory (the driver stages it before
    returning, so the caller may free its buffer), download waits for the stream. train.dtype bf16
-   runs the GEMMs on tensor cores with bf16 operands (fp32 accumulate, fp32 in memory); every
-   other op is fp32 either way. Nothing here uses float atomics: a run is bit-reproducible on the
+   runs the GEMMs and attention (head sizes 32, 64, 128) on tensor cores with bf16 operands (fp32
+   accumulate, fp32 in memory); every other op is fp32 either way. Nothing here uses float atomics: a run is bit-reproducible on the
    same GPU. */
 #include "kernels.cuh"
 #include "common.h"
@@ -125,13 +125,13 @@ struct CudaBackend final : Backend {
     // delta (B, NH, T); preatt and dpreatt are not used (attention_buffer_floats)
     void attention_forward(float* out, float* preatt, float* att, const float* qkv, int B, int T, int C, int NH) override {
         check_heads(C, NH);
-        cuda::attention_forward(out, att, qkv, B, T, C, NH, stream_);
+        cuda::attention_forward(out, att, qkv, B, T, C, NH, bf16_, stream_);
     }
     void attention_backward(float* dqkv, float* dpreatt, float* datt, const float* dout, const float* qkv,
                             const float* att, int B, int T, int C, int NH) override {
         if (!dqkv) return;
         check_heads(C, NH);
-        cuda::attention_backward(dqkv, datt, dout, qkv, att, B, T, C, NH, stream_);
+        cuda::attention_backward(dqkv, datt, dout, qkv, att, B, T, C, NH, bf16_, stream_);
     }
     static void check_heads(int C, int NH) {
         if (NH <= 0 || C % NH != 0 || C / NH > cuda::kAttentionMaxHeadSize)

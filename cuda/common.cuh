@@ -79,6 +79,35 @@ __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
     return *reinterpret_cast<uint32_t*>(&v);
 }
 
+// Tensor-core fragments (mma.sync m16n8k16, bf16 operands, fp32 accumulators), shared by the bf16
+// GEMM (matmul.cu) and the tensor-core attention (attention_tc.cu). Layouts, g = lane / 4,
+// q = lane % 4: A (16x16) a[0] = (g, 2q..2q+1), a[1] = (g+8, 2q..), a[2] = (g, 2q+8..),
+// a[3] = (g+8, 2q+8..); B (16x8, k x n) b0 = (k 2q..2q+1, n g), b1 = (k 2q+8.., n g);
+// C (16x8) c[0..1] = (g, 2q..2q+1), c[2..3] = (g+8, 2q..2q+1).
+// Four 8x8 bf16 matrices from shared memory, lanes 8i..8i+7 giving the row addresses of matrix i;
+// each lane receives (row lane/4, cols 2*(lane%4), +1) of each.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const __nv_bfloat16* smem) {
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+// The same, transposed: each lane receives (rows 2*(lane%4), +1, col lane/4) of each matrix, i.e.
+// the B fragment of a (k, n) matrix stored k-major (rows = k).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* r, const __nv_bfloat16* smem) {
+    const unsigned addr = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+// c (16x8, fp32) += a (16x16, bf16, row) . b (16x8, bf16, col)
+__device__ __forceinline__ void mma_bf16_16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 // Grid-stride loop over i in [0, n) for elementwise kernels.
 #define GRID_STRIDE(i, n) \
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)

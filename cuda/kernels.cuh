@@ -62,11 +62,19 @@ void grouped_matmul_backward(float* dinp, float* dweight, float* dbias, const fl
                              const float* weight, const GroupBlock* blocks, int nblocks, int C, int OC, bool bf16,
                              DeviceScratch& table, cudaStream_t stream);
 
-// attention.cu (flash-style: no (T, T) matrix; lse (B, NH, T) saved for the backward)
+// attention.cu (flash-style: no (T, T) matrix; lse (B, NH, T) saved for the backward). With bf16
+// set and a head size attention_tc_supported, they run attention_tc.cu's tensor-core kernels.
 constexpr int kAttentionMaxHeadSize = 128;
-void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH, cudaStream_t stream);
+void attention_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH, bool bf16,
+                       cudaStream_t stream);
 void attention_backward(float* dqkv, float* delta, const float* dout, const float* qkv, const float* lse, int B,
-                        int T, int C, int NH, cudaStream_t stream);
+                        int T, int C, int NH, bool bf16, cudaStream_t stream);
+
+// attention_tc.cu (FlashAttention-2 on mma.sync bf16 tensor cores; same buffers and contract)
+bool attention_tc_supported(int hs);   // hs 32, 64, 128
+void attention_tc_forward(float* out, float* lse, const float* qkv, int B, int T, int C, int NH, cudaStream_t stream);
+void attention_tc_backward(float* dqkv, float* delta, const float* dout, const float* qkv, const float* lse, int B,
+                           int T, int C, int NH, cudaStream_t stream);
 
 // activations.cu
 void gelu_forward(float* out, const float* inp, size_t N, cudaStream_t stream);

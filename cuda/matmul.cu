@@ -115,20 +115,6 @@ gemm_fp32_kernel(GemmProblem one, const GemmProblem* probs, const GemmTile* tile
 
 constexpr int H_BM = 128, H_BN = 128, H_BK = 32, H_PAD = 8, H_THREADS = 256;
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t* r, const __nv_bfloat16* smem) {
-    const unsigned addr = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(addr));
-}
-// c (16x8, fp32) += a (16x16, bf16, row) . b (16x8, bf16, col)
-__device__ __forceinline__ void mma_bf16_16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
 __global__ void __launch_bounds__(H_THREADS)
 gemm_bf16_kernel(GemmProblem one, const GemmProblem* probs, const GemmTile* tiles, const KSeg* segs) {
     __shared__ __align__(16) __nv_bfloat16 As[H_BM][H_BK + H_PAD];   // A tile (m, k): k contiguous

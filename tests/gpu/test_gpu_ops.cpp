@@ -155,6 +155,19 @@ void attention(Env& e, int B, int T, int C, int NH, uint32_t seed) {
     const double K = std::max(T, hs);
     check_op(e, [&](Backend& be, Side s) { be.attention_forward(out[s], preatt[s], att[s], qkv[s], B, T, C, NH); },
              {{"attention out", &out, e.tol(K)}});
+    if (e.bf16() && (hs == 32 || hs == 64 || hs == 128)) {
+        // these head sizes run the tensor-core kernels (attention_tc.cu), whose operands are bf16:
+        // an output within fp32 rounding of the CPU's would mean the fp32 kernel ran instead
+        const std::vector<float> c = out.get(CPU), g = out.get(GPU);
+        double scale = 0, worst = 0;
+        for (size_t i = 0; i < c.size(); i++) {
+            scale = std::max(scale, (double)std::fabs(c[i]));
+            worst = std::max(worst, std::fabs((double)g[i] - c[i]));
+        }
+        INFO("bf16 attention, head size " << hs << ": max |cuda - cpu| / max |cpu| = " << worst / scale
+                                          << ", expected bf16 rounding (> 1e-5) from the tensor-core kernels");
+        CHECK(worst > 1e-5 * scale);
+    }
     // backward after its forward; the scratch starts as garbage (the op overwrites what it uses)
     TwinF dout(e, randu((size_t)B * T * C, seed + 4)), dqkv(e, randu((size_t)B * T * 3 * C, seed + 5));
     TwinF dpreatt(e, randu(att_n, seed + 6, -9, 9)), datt(e, randu(att_n, seed + 7, -9, 9));
@@ -175,6 +188,21 @@ void attention_all(Env& e) {
     attention(e, 1, 70, 256, 2, 10);     // hs 128, the CUDA kernel's largest
     attention(e, 2, 256, 768, 12, 8);    // GPT-2 small heads
     attention(e, 1, 1024, 768, 12, 9);   // GPT-2 small, full context
+    // head sizes of the tensor-core kernels (bf16 mode): 64-row query/key tiles, 32-row query tiles
+    // in the dk/dv kernel; T = 1, inside one tile, one past a tile, not a multiple, and long
+    attention(e, 2, 1, 64, 2, 11);       // hs 32, T = 1
+    attention(e, 2, 17, 128, 4, 12);     // hs 32
+    attention(e, 1, 100, 96, 3, 13);     // hs 32
+    attention(e, 2, 257, 128, 4, 14);    // hs 32, T = 4 * 64 + 1
+    attention(e, 1, 1024, 128, 4, 15);   // hs 32, full context
+    attention(e, 3, 17, 192, 3, 16);     // hs 64
+    attention(e, 2, 100, 128, 2, 17);    // hs 64
+    attention(e, 2, 257, 256, 4, 18);    // hs 64
+    attention(e, 2, 1, 256, 2, 19);      // hs 128, T = 1
+    attention(e, 1, 17, 128, 1, 20);     // hs 128, one head
+    attention(e, 2, 100, 256, 2, 21);    // hs 128
+    attention(e, 1, 257, 384, 3, 22);    // hs 128
+    attention(e, 1, 1024, 256, 2, 23);   // hs 128, full context
 }
 
 // --------------------------------------------------------------------------------------------
