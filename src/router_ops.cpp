@@ -95,15 +95,13 @@ void router_topk_backward_cpu(float* dz, const float* dgate, const int* choice, 
     Routing r = topk_routing(a, choice_expert, z, s);
     std::vector<float> dchoice(r.M, 0.0f);
     for (int i = 0; i < A; i++) dchoice[choice[i]] = dgate[i];
-    BalanceGrads bg;
+    BalanceGrads bg;   // no dzc / dstd: they belong to the load loss, which these ops do not take
     bg.ds.assign(NE, 0.0f);
     bg.dz.assign(NE, 0.0f);
-    bg.dzc.assign(NE, 0.0f);
-    bg.dstd.assign(NE, 0.0f);
     choice_gates_backward(bg.ds, r, dchoice, a.k, a.normalize, a.scale, true);
     balance_backward(bg, r, balance_config(l), a.k, l.aux_seq_len, global_counts(l, a.E), dloss_scale);
     router_scores_backward(bg.dz, bg.ds, r.s, a.N, a.E, a.sigmoid);
-    for (size_t i = 0; i < NE; i++) dz[i] = bg.dz[i] + bg.dzc[i];
+    std::copy(bg.dz.begin(), bg.dz.end(), dz);
 }
 
 }  // namespace moe
