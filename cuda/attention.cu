@@ -53,6 +53,15 @@ __device__ __forceinline__ float dot(const float* a, const float* b, int n) {
     return acc;
 }
 
+// g[d] += s * acc[i] for this lane's dims d = lane + i * 32 < hs: one row of a gradient, added by
+// the only warp that owns it (no atomics)
+__device__ __forceinline__ void add_lane_dims(float* g, const float* acc, float s, int lane, int hs) {
+    for (int i = 0; i < kDimsPerLane; i++) {
+        const int d = lane + i * kWarp;
+        if (d < hs) g[d] += s * acc[i];
+    }
+}
+
 __global__ void attention_forward_kernel(float* out, float* lse, const float* qkv, int T, int C, int NH, float scale) {
     extern __shared__ float smem[];
     constexpr int RPW = kFwdRowsPerWarp, QR = RPW * kAttWarps;
@@ -163,11 +172,7 @@ __global__ void attention_backward_dq_kernel(float* dqkv, float* delta, const fl
     for (int r = 0; r < RPW; r++) {
         const int row = q0 + warp * RPW + r;
         if (row >= T) continue;
-        float* g = dqkv + hd.at(T, C3, row);
-        for (int i = 0; i < kDimsPerLane; i++) {
-            const int d = lane + i * kWarp;
-            if (d < hs) g[d] += scale * dq[r][i];
-        }
+        add_lane_dims(dqkv + hd.at(T, C3, row), dq[r], scale, lane, hs);
     }
 }
 
@@ -225,13 +230,8 @@ __global__ void attention_backward_dkdv_kernel(float* dqkv, const float* dout, c
         const int key = k0 + warp * RPW + r;
         if (key >= T) continue;
         float* g = dqkv + hd.at(T, C3, key);
-        for (int j = 0; j < kDimsPerLane; j++) {
-            const int d = lane + j * kWarp;
-            if (d < hs) {
-                g[C + d] += scale * dk[r][j];
-                g[2 * C + d] += dv[r][j];
-            }
-        }
+        add_lane_dims(g + C, dk[r], scale, lane, hs);
+        add_lane_dims(g + 2 * C, dv[r], 1.0f, lane, hs);
     }
 }
 
