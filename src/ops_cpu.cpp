@@ -335,19 +335,36 @@ void crossentropy_softmax_backward(float* dlogits, const float* probs, const int
 // says its pointers do not alias (and the build has -fno-math-errno, so sqrt vectorises); the
 // norm keeps VL double lanes per fixed chunk.
 
+// Memory streams read ahead by software prefetch, this many floats (2 KB) in front: with AdamW's
+// four input streams (or the norm's four) the hardware prefetcher alone kept too few misses in
+// flight on the 2-core CI machine (measured over 17.5M parameters at 2 threads: AdamW 11.1 ->
+// 9.1 ms, the norm 2.6 -> 2.1 ms). Prefetches past the end of an array are harmless (no fault).
+constexpr size_t kPrefetchAhead = 512;
+constexpr size_t kStreamChunk = 1 << 14;  // elements between prefetches of one stream: VL-aligned
+
 void adamw_update(float* __restrict p, float* __restrict g, float* __restrict m, float* __restrict v,
                   size_t n, float lr, float beta1, float beta2, float eps, float wd, int t, float grad_scale) {
     const float bc1 = 1.0f - std::pow(beta1, (float)t), bc2 = 1.0f - std::pow(beta2, (float)t);
-#pragma omp parallel for simd schedule(static)
-    for (size_t i = 0; i < n; i++) {
-        const float gi = g[i] * grad_scale;  // the float torch's in-place clip would store
-        g[i] = 0.0f;
-        const float mi = beta1 * m[i] + (1.0f - beta1) * gi;
-        const float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
-        m[i] = mi;
-        v[i] = vi;
-        // decoupled weight decay applied to the pre-update weight, as torch.optim.AdamW does
-        p[i] -= lr * ((mi / bc1) / (std::sqrt(vi / bc2) + eps) + wd * p[i]);
+    const size_t nchunks = (n + kStreamChunk - 1) / kStreamChunk;
+#pragma omp parallel for schedule(static)
+    for (size_t c = 0; c < nchunks; c++) {
+        const size_t end = std::min(n, (c + 1) * kStreamChunk);
+        for (size_t i0 = c * kStreamChunk; i0 < end; i0 += VL) {
+            for (const float* s : {(const float*)p, (const float*)g, (const float*)m, (const float*)v})
+                __builtin_prefetch(s + i0 + kPrefetchAhead);
+            const size_t i1 = std::min(end, i0 + VL);
+#pragma omp simd
+            for (size_t i = i0; i < i1; i++) {
+                const float gi = g[i] * grad_scale;  // the float torch's in-place clip would store
+                g[i] = 0.0f;
+                const float mi = beta1 * m[i] + (1.0f - beta1) * gi;
+                const float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+                m[i] = mi;
+                v[i] = vi;
+                // decoupled weight decay applied to the pre-update weight, as torch.optim.AdamW does
+                p[i] -= lr * ((mi / bc1) / (std::sqrt(vi / bc2) + eps) + wd * p[i]);
+            }
+        }
     }
 }
 
@@ -366,6 +383,7 @@ double sum_squares(const float* g, size_t n) {
         dvec acc[4] = {};
         for (size_t i = 0; i < q; i += VL)
             for (int j = 0; j < 4; j++) {
+                __builtin_prefetch(g + begin + j * q + i + kPrefetchAhead);
                 const dvec x = __builtin_convertvector(vload(g + begin + j * q + i), dvec);
                 acc[j] += x * x;
             }
