@@ -8,37 +8,36 @@
 
 namespace moe {
 
+void score_row(float* s, const float* z, int E, bool sigmoid) {
+    if (sigmoid) {
+        for (int e = 0; e < E; e++) s[e] = 1.0f / (1.0f + std::exp(-z[e]));
+        return;
+    }
+    float mx = *std::max_element(z, z + E), sum = 0.0f;
+    for (int e = 0; e < E; e++) { s[e] = std::exp(z[e] - mx); sum += s[e]; }
+    for (int e = 0; e < E; e++) s[e] /= sum;
+}
+
 void router_scores(std::vector<float>& s, const std::vector<float>& z, int N, int E, bool sigmoid) {
     s.resize((size_t)N * E);
     #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const float* zr = &z[(size_t)n * E];
-        float* sr = &s[(size_t)n * E];
-        if (sigmoid) {
-            for (int e = 0; e < E; e++) sr[e] = 1.0f / (1.0f + std::exp(-zr[e]));
-            continue;
-        }
-        float mx = *std::max_element(zr, zr + E), sum = 0.0f;
-        for (int e = 0; e < E; e++) { sr[e] = std::exp(zr[e] - mx); sum += sr[e]; }
-        for (int e = 0; e < E; e++) sr[e] /= sum;
+    for (int n = 0; n < N; n++) score_row(&s[(size_t)n * E], &z[(size_t)n * E], E, sigmoid);
+}
+
+void scores_backward_row(float* dz, const float* ds, const float* s, int E, bool sigmoid) {
+    if (sigmoid) {
+        for (int e = 0; e < E; e++) dz[e] += ds[e] * s[e] * (1.0f - s[e]);
+        return;
     }
+    float dot = 0.0f;
+    for (int e = 0; e < E; e++) dot += ds[e] * s[e];
+    for (int e = 0; e < E; e++) dz[e] += s[e] * (ds[e] - dot);
 }
 
 void router_scores_backward(std::vector<float>& dz, const std::vector<float>& ds, const std::vector<float>& s,
                             int N, int E, bool sigmoid) {
     #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const float* sr = &s[(size_t)n * E];
-        const float* dsr = &ds[(size_t)n * E];
-        float* dzr = &dz[(size_t)n * E];
-        if (sigmoid) {
-            for (int e = 0; e < E; e++) dzr[e] += dsr[e] * sr[e] * (1.0f - sr[e]);
-            continue;
-        }
-        float dot = 0.0f;
-        for (int e = 0; e < E; e++) dot += dsr[e] * sr[e];
-        for (int e = 0; e < E; e++) dzr[e] += sr[e] * (dsr[e] - dot);
-    }
+    for (int n = 0; n < N; n++) scores_backward_row(&dz[(size_t)n * E], &ds[(size_t)n * E], &s[(size_t)n * E], E, sigmoid);
 }
 
 // Index of the largest allowed value; ties go to the lower index (strict >).
@@ -49,35 +48,44 @@ static int argmax_allowed(const float* v, const uint8_t* allowed, int E) {
     return best;
 }
 
+void topk_row(int* expert, const float* v, int E, int k, int groups, int topk_groups, TopkScratch& w) {
+    w.allowed.assign(E, 1);
+    if (groups > 1) {
+        const int Eg = E / groups, per_group = std::min(std::max(1, k / topk_groups), Eg);
+        w.gscore.resize(groups);
+        for (int g = 0; g < groups; g++) {
+            w.vals.assign(v + g * Eg, v + (g + 1) * Eg);
+            std::partial_sort(w.vals.begin(), w.vals.begin() + per_group, w.vals.end(), std::greater<float>());
+            w.gscore[g] = std::accumulate(w.vals.begin(), w.vals.begin() + per_group, 0.0f);
+        }
+        w.gallowed.assign(groups, 1);
+        w.keep.assign(groups, 0);
+        for (int t = 0; t < topk_groups; t++) {
+            int g = argmax_allowed(w.gscore.data(), w.gallowed.data(), groups);
+            w.keep[g] = 1;
+            w.gallowed[g] = 0;
+        }
+        for (int e = 0; e < E; e++) w.allowed[e] = w.keep[e / Eg];
+    }
+    for (int j = 0; j < k; j++) {
+        int e = argmax_allowed(v, w.allowed.data(), E);
+        w.allowed[e] = 0;
+        expert[j] = e;
+    }
+}
+
 void select_topk(Routing& r, const std::vector<float>& sel, int k, int groups, int topk_groups) {
-    const int N = r.N, E = r.E, Eg = E / groups, per_group = std::max(1, k / topk_groups);
+    const int N = r.N, E = r.E;
     r.M = N * k;
     r.choice_token.resize(r.M);
     r.choice_expert.resize(r.M);
-    #pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) {
-        const float* v = &sel[(size_t)n * E];
-        std::vector<uint8_t> allowed(E, 1);
-        if (groups > 1) {
-            std::vector<float> gscore(groups);
-            for (int g = 0; g < groups; g++) {
-                std::vector<float> vals(v + g * Eg, v + (g + 1) * Eg);
-                std::partial_sort(vals.begin(), vals.begin() + std::min(per_group, Eg), vals.end(), std::greater<float>());
-                gscore[g] = std::accumulate(vals.begin(), vals.begin() + std::min(per_group, Eg), 0.0f);
-            }
-            std::vector<uint8_t> gallowed(groups, 1), keep(groups, 0);
-            for (int t = 0; t < topk_groups; t++) {
-                int g = argmax_allowed(gscore.data(), gallowed.data(), groups);
-                keep[g] = 1;
-                gallowed[g] = 0;
-            }
-            for (int e = 0; e < E; e++) allowed[e] = keep[e / Eg];
-        }
-        for (int j = 0; j < k; j++) {
-            int e = argmax_allowed(v, allowed.data(), E);
-            allowed[e] = 0;
-            r.choice_token[n * k + j] = n;
-            r.choice_expert[n * k + j] = e;
+    #pragma omp parallel
+    {
+        TopkScratch w;
+        #pragma omp for schedule(static)
+        for (int n = 0; n < N; n++) {
+            topk_row(&r.choice_expert[(size_t)n * k], &sel[(size_t)n * E], E, k, groups, topk_groups, w);
+            for (int j = 0; j < k; j++) r.choice_token[n * k + j] = n;
         }
     }
     r.routed.assign(E, 0.0);
@@ -140,41 +148,55 @@ void select_hash(Routing& r, const int* tokens, const std::vector<int32_t>& tabl
     }
 }
 
+void gates_row(float* gate, const float* s, const int* expert, int k, bool normalize, float scale) {
+    for (int j = 0; j < k; j++) gate[j] = s[expert[j]];
+    if (normalize) {
+        float sum = 0.0f;
+        for (int j = 0; j < k; j++) sum += gate[j];
+        for (int j = 0; j < k; j++) gate[j] /= sum;
+    }
+    for (int j = 0; j < k; j++) gate[j] *= scale;
+}
+
 void choice_gates(Routing& r, int k, bool normalize, float scale, bool token_choice) {
     r.choice_gate.resize(r.M);
-    for (int m = 0; m < r.M; m++)
-        r.choice_gate[m] = r.s[(size_t)r.choice_token[m] * r.E + r.choice_expert[m]];
-    if (token_choice && normalize) {
-        for (int n = 0; n < r.N; n++) {
-            float sum = 0.0f;
-            for (int j = 0; j < k; j++) sum += r.choice_gate[n * k + j];
-            for (int j = 0; j < k; j++) r.choice_gate[n * k + j] /= sum;
-        }
+    if (token_choice) {   // choice m = n*k + j
+        #pragma omp parallel for schedule(static)
+        for (int n = 0; n < r.N; n++)
+            gates_row(&r.choice_gate[(size_t)n * k], &r.s[(size_t)n * r.E], &r.choice_expert[(size_t)n * k], k,
+                      normalize, scale);
+        return;
     }
-    for (float& g : r.choice_gate) g *= scale;
+    for (int m = 0; m < r.M; m++)
+        r.choice_gate[m] = r.s[(size_t)r.choice_token[m] * r.E + r.choice_expert[m]] * scale;
+}
+
+void gates_backward_row(float* ds, const float* s, const int* expert, const float* dgate, int k, bool normalize,
+                        float scale) {
+    if (!normalize) {
+        for (int j = 0; j < k; j++) ds[expert[j]] += scale * dgate[j];
+        return;
+    }
+    // w_j = scale * s_j / S with S = sum of the token's chosen s: dw_j/ds_m = scale (d_jm / S - s_j / S^2)
+    float S = 0.0f, dot = 0.0f;
+    for (int j = 0; j < k; j++) {
+        S += s[expert[j]];
+        dot += dgate[j] * s[expert[j]];
+    }
+    for (int j = 0; j < k; j++) ds[expert[j]] += scale * (dgate[j] / S - dot / (S * S));
 }
 
 void choice_gates_backward(std::vector<float>& ds, const Routing& r, const std::vector<float>& dgate,
                            int k, bool normalize, float scale, bool token_choice) {
     const int E = r.E;
-    if (!(token_choice && normalize)) {
-        for (int m = 0; m < r.M; m++) ds[(size_t)r.choice_token[m] * E + r.choice_expert[m]] += scale * dgate[m];
+    if (token_choice) {
+        #pragma omp parallel for schedule(static)
+        for (int n = 0; n < r.N; n++)
+            gates_backward_row(&ds[(size_t)n * E], &r.s[(size_t)n * E], &r.choice_expert[(size_t)n * k],
+                               &dgate[(size_t)n * k], k, normalize, scale);
         return;
     }
-    // w_j = scale * s_j / S with S = sum of the token's chosen s: dw_j/ds_m = scale (d_jm / S - s_j / S^2)
-    for (int n = 0; n < r.N; n++) {
-        float S = 0.0f, dot = 0.0f;
-        for (int j = 0; j < k; j++) {
-            int m = n * k + j;
-            float sj = r.s[(size_t)n * E + r.choice_expert[m]];
-            S += sj;
-            dot += dgate[m] * sj;
-        }
-        for (int j = 0; j < k; j++) {
-            int m = n * k + j;
-            ds[(size_t)n * E + r.choice_expert[m]] += scale * (dgate[m] / S - dot / (S * S));
-        }
-    }
+    for (int m = 0; m < r.M; m++) ds[(size_t)r.choice_token[m] * E + r.choice_expert[m]] += scale * dgate[m];
 }
 
 void apply_capacity(Routing& r, int cap, bool by_probs) {
@@ -227,7 +249,7 @@ void build_plan(Routing& r) {
 // log-sum-exp of a row for the z-loss, with float exps as torch's float32 logsumexp has (the
 // vector exp: N x E scalar double exps were most of the routing's time with 64 experts); e (E)
 // gets exp(z - max), *sum their sum (fixed lane order: the same bits for any thread count)
-static double lse_row(const float* z, int E, float* e, float* sum) {
+double lse_row(const float* z, int E, float* e, float* sum) {
     const float mx = *std::max_element(z, z + E);
     *sum = simd::exp_shift_sum(e, z, mx, E);
     return mx + std::log((double)*sum);
@@ -284,27 +306,27 @@ static std::vector<double> load_fractions(const std::vector<double>& routed) {
     return f;
 }
 
-void balance_forward(MoeStats& st, const Routing& r, const BalanceConfig& bal, int k, int T,
-                     const std::vector<double>& global_routed) {
-    const int N = r.N, E = r.E;
-    st.aux = st.z = st.imp = st.load = 0.0;
+void aux_z_terms(MoeStats& st, const float* z, const float* s, const int* choice_token, const int* choice_expert,
+                 int M, const std::vector<double>& routed, const BalanceConfig& bal, int k, int N, int E, int T,
+                 const std::vector<double>& global_routed) {
+    st.aux = st.z = 0.0;
     if (bal.aux_loss > 0) {
         if (bal.aux_scope == "sequence") {
             const int B = N / T;
             for (int b = 0; b < B; b++) {
                 std::vector<double> cnt(E, 0.0), P(E, 0.0);
-                for (int m = 0; m < r.M; m++) if (r.choice_token[m] / T == b) cnt[r.choice_expert[m]] += 1.0;
-                for (int t = 0; t < T; t++) for (int i = 0; i < E; i++) P[i] += r.s[(size_t)(b * T + t) * E + i] / T;
+                for (int m = 0; m < M; m++)
+                    if ((choice_token ? choice_token[m] : m / k) / T == b) cnt[choice_expert[m]] += 1.0;
+                for (int t = 0; t < T; t++) for (int i = 0; i < E; i++) P[i] += s[(size_t)(b * T + t) * E + i] / T;
                 std::vector<double> f = load_fractions(cnt);
                 for (int i = 0; i < E; i++) st.aux += bal.aux_loss * E * f[i] * P[i] / B;
             }
         } else {
-            std::vector<double> f = load_fractions(bal.aux_scope == "global" && !global_routed.empty() ? global_routed : r.routed);
-            // column sums, each in token order on one thread (the same bits for any thread count)
+            std::vector<double> f = load_fractions(bal.aux_scope == "global" && !global_routed.empty() ? global_routed : routed);
+            // column sums, each in token order (row by row: the same bits, in memory order)
             std::vector<double> P(E, 0.0);
-            #pragma omp parallel for schedule(static)
-            for (int i = 0; i < E; i++)
-                for (int n = 0; n < N; n++) P[i] += r.s[(size_t)n * E + i];
+            for (int n = 0; n < N; n++)
+                for (int i = 0; i < E; i++) P[i] += s[(size_t)n * E + i];
             for (int i = 0; i < E; i++) st.aux += bal.aux_loss * E * f[i] * P[i] / N;
         }
     }
@@ -316,12 +338,20 @@ void balance_forward(MoeStats& st, const Routing& r, const BalanceConfig& bal, i
         std::vector<float> e(E);
         float sum;
         #pragma omp for schedule(static)
-        for (int n = 0; n < N; n++) lse[n] = lse_row(&r.z[(size_t)n * E], E, e.data(), &sum);
+        for (int n = 0; n < N; n++) lse[n] = lse_row(&z[(size_t)n * E], E, e.data(), &sum);
     }
     double zsum = 0.0;
     for (int n = 0; n < N; n++) zsum += lse[n] * lse[n];
     st.z_mean_sum = zsum;
     if (bal.z_loss > 0) st.z = bal.z_loss * zsum / N;
+}
+
+void balance_forward(MoeStats& st, const Routing& r, const BalanceConfig& bal, int k, int T,
+                     const std::vector<double>& global_routed) {
+    const int N = r.N, E = r.E;
+    aux_z_terms(st, r.z.data(), r.s.data(), r.choice_token.data(), r.choice_expert.data(), r.M, r.routed, bal, k, N, E,
+                T, global_routed);
+    st.imp = st.load = 0.0;
     if (bal.importance_loss > 0) {
         std::vector<double> imp(E, 0.0);
         for (int n = 0; n < N; n++) for (int i = 0; i < E; i++) imp[i] += r.s[(size_t)n * E + i];
@@ -336,40 +366,56 @@ void balance_forward(MoeStats& st, const Routing& r, const BalanceConfig& bal, i
     }
 }
 
+std::vector<float> aux_score_grads(const BalanceConfig& bal, const int* choice_token, const int* choice_expert, int M,
+                                   int k, int N, int E, int T, const std::vector<double>& routed,
+                                   const std::vector<double>& global_routed, float scale) {
+    if (bal.aux_loss <= 0) return {};
+    if (bal.aux_scope == "sequence") {
+        const int B = N / T;
+        std::vector<float> d((size_t)B * E);
+        for (int b = 0; b < B; b++) {
+            std::vector<double> cnt(E, 0.0);
+            for (int m = 0; m < M; m++)
+                if ((choice_token ? choice_token[m] : m / k) / T == b) cnt[choice_expert[m]] += 1.0;
+            std::vector<double> f = load_fractions(cnt);
+            for (int i = 0; i < E; i++) d[(size_t)b * E + i] = (float)(scale * bal.aux_loss * E * f[i] / T / B);
+        }
+        return d;
+    }
+    std::vector<double> f = load_fractions(bal.aux_scope == "global" && !global_routed.empty() ? global_routed : routed);
+    std::vector<float> d(E);
+    for (int i = 0; i < E; i++) d[i] = (float)(scale * bal.aux_loss * E * f[i] / N);
+    return d;
+}
+
+void z_loss_backward_row(float* dz, const float* z, int E, double coef, int N, float* e) {
+    float sum;
+    const double l = lse_row(z, E, e, &sum);
+    for (int i = 0; i < E; i++)   // softmax(z)_i = e_i / sum
+        dz[i] += (float)(coef * l * ((double)e[i] / sum) / N);
+}
+
 void balance_backward(BalanceGrads& g, const Routing& r, const BalanceConfig& bal, int k, int T,
                       const std::vector<double>& global_routed, float scale) {
     const int N = r.N, E = r.E;
-    if (bal.aux_loss > 0) {
-        if (bal.aux_scope == "sequence") {
-            const int B = N / T;
-            for (int b = 0; b < B; b++) {
-                std::vector<double> cnt(E, 0.0);
-                for (int m = 0; m < r.M; m++) if (r.choice_token[m] / T == b) cnt[r.choice_expert[m]] += 1.0;
-                std::vector<double> f = load_fractions(cnt);
-                for (int t = 0; t < T; t++)
-                    for (int i = 0; i < E; i++)
-                        g.ds[(size_t)(b * T + t) * E + i] += (float)(scale * bal.aux_loss * E * f[i] / T / B);
-            }
-        } else {
-            std::vector<double> f = load_fractions(bal.aux_scope == "global" && !global_routed.empty() ? global_routed : r.routed);
-            std::vector<float> d(E);
-            for (int i = 0; i < E; i++) d[i] = (float)(scale * bal.aux_loss * E * f[i] / N);
-            #pragma omp parallel for schedule(static)
-            for (int n = 0; n < N; n++)
-                for (int i = 0; i < E; i++) g.ds[(size_t)n * E + i] += d[i];
+    const std::vector<float> d = aux_score_grads(bal, r.choice_token.data(), r.choice_expert.data(), r.M, k, N, E, T,
+                                                 r.routed, global_routed, scale);
+    if (!d.empty()) {   // one row of d per sequence (sequence scope), else one for every token
+        const int rows = (int)(d.size() / E);
+        #pragma omp parallel for schedule(static)
+        for (int n = 0; n < N; n++) {
+            if (rows > 1 && n / T >= rows) continue;   // past the last whole sequence
+            const float* dr = rows > 1 ? &d[(size_t)(n / T) * E] : d.data();
+            for (int i = 0; i < E; i++) g.ds[(size_t)n * E + i] += dr[i];
         }
     }
     if (bal.z_loss > 0) {
+        const double coef = scale * bal.z_loss * 2.0;
         #pragma omp parallel
         {
             std::vector<float> e(E);
-            float sum;
             #pragma omp for schedule(static)
-            for (int n = 0; n < N; n++) {
-                const double l = lse_row(&r.z[(size_t)n * E], E, e.data(), &sum);
-                for (int i = 0; i < E; i++)   // softmax(z)_i = e_i / sum
-                    g.dz[(size_t)n * E + i] += (float)(scale * bal.z_loss * 2.0 * l * ((double)e[i] / sum) / N);
-            }
+            for (int n = 0; n < N; n++) z_loss_backward_row(&g.dz[(size_t)n * E], &r.z[(size_t)n * E], E, coef, N, e.data());
         }
     }
     if (bal.importance_loss > 0) {

@@ -48,6 +48,33 @@ void choice_gates_backward(std::vector<float>& ds, const Routing& r, const std::
 void router_scores_backward(std::vector<float>& dz, const std::vector<float>& ds, const std::vector<float>& s,
                             int N, int E, bool sigmoid);
 
+// Per-token pieces of the functions above, which loop over tokens with them; the fused CPU routing
+// ops (router_ops.cpp) call the same pieces, so both paths do the same float operations.
+struct TopkScratch {                  // per-thread scratch of topk_row
+    std::vector<uint8_t> allowed, gallowed, keep;
+    std::vector<float> vals, gscore;
+};
+void score_row(float* s, const float* z, int E, bool sigmoid);                          // (E) <- (E)
+void topk_row(int* expert, const float* sel, int E, int k, int groups, int topk_groups, TopkScratch& w);  // (k)
+void gates_row(float* gate, const float* s, const int* expert, int k, bool normalize, float scale);    // (k)
+void gates_backward_row(float* ds, const float* s, const int* expert, const float* dgate, int k, bool normalize,
+                        float scale);                                                    // ds (E) +=
+void scores_backward_row(float* dz, const float* ds, const float* s, int E, bool sigmoid);  // dz (E) +=
+// log-sum-exp of z (E) in double; e (E) gets exp(z - max) and *sum their float sum
+double lse_row(const float* z, int E, float* e, float* sum);
+// dz (E) += the z-loss gradient of one token: coef * lse * softmax(z) / N, coef = dloss_scale * beta * 2
+void z_loss_backward_row(float* dz, const float* z, int E, double coef, int N, float* e /* (E) scratch */);
+// The Switch aux loss and z-loss of balance_forward on arrays (st.aux, st.z, st.z_mean_sum): z, s
+// (N, E); M choices with choice_expert (M) and choice_token (M, or null: m / k); routed (E).
+void aux_z_terms(MoeStats& st, const float* z, const float* s, const int* choice_token, const int* choice_expert,
+                 int M, const std::vector<double>& routed, const BalanceConfig& bal, int k, int N, int E, int T,
+                 const std::vector<double>& global_routed);
+// d(aux)/d(s) per expert, times dloss_scale: one row (E) per sequence (aux scope "sequence": tokens
+// [b*T, (b+1)*T)), else one row for every token; empty without an aux loss. choice_token null: m / k.
+std::vector<float> aux_score_grads(const BalanceConfig& bal, const int* choice_token, const int* choice_expert, int M,
+                                   int k, int N, int E, int T, const std::vector<double>& routed,
+                                   const std::vector<double>& global_routed, float scale);
+
 // Frequency-balanced hash table: tokens by count (desc, ties by id) to the least-loaded expert.
 std::vector<int32_t> balanced_hash_table(const std::vector<double>& counts, int E);
 

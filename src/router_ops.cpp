@@ -1,4 +1,9 @@
-/* CPU twins of the Backend routing ops: the host routing functions (moe_router.cpp) on arrays. */
+/* CPU twins of the Backend routing ops. The per-token ops run fused, one pass over the tokens
+   with the per-token pieces of moe_router.h (score_row, topk_row, gates_row, ...), reading and
+   writing the backend's arrays in place; the plan build and the statistics call the host routing
+   functions. Either way the float operations are the host functions' (tests/test_router_ops.cpp
+   checks the bits). With 64 experts the old copies of (N, E) arrays into a Routing and the
+   serial passes between them cost ~1.5 ms of each layer's ~2 ms routing at 2 threads. */
 #include "router_ops.h"
 #include "moe_router.h"
 
@@ -7,25 +12,18 @@
 
 namespace moe {
 
-static std::vector<float> copy_of(const float* p, size_t n) { return std::vector<float>(p, p + n); }
-
-// A Routing of token-choice top-k: N, E, M = N*k, choice m of token m / k; with the choices, their
-// routed counts (E); logits and scores (N, E) where given.
-static Routing topk_routing(const TopkRouterArgs& a, const int* choice_expert, const float* z = nullptr,
-                            const float* s = nullptr) {
+// A Routing of token-choice top-k for the plan build: N, E, M = N*k, choice m of token m / k, the
+// choices and their routed counts (E).
+static Routing topk_routing(const TopkRouterArgs& a, const int* choice_expert) {
     Routing r;
     r.N = a.N;
     r.E = a.E;
     r.M = a.N * a.k;
     r.choice_token.resize(r.M);
     for (int m = 0; m < r.M; m++) r.choice_token[m] = m / a.k;
-    if (choice_expert) {
-        r.choice_expert.assign(choice_expert, choice_expert + r.M);
-        r.routed.assign(a.E, 0.0);
-        for (int m = 0; m < r.M; m++) r.routed[r.choice_expert[m]] += 1.0;
-    }
-    if (z) r.z = copy_of(z, (size_t)a.N * a.E);
-    if (s) r.s = copy_of(s, (size_t)a.N * a.E);
+    r.choice_expert.assign(choice_expert, choice_expert + r.M);
+    r.routed.assign(a.E, 0.0);
+    for (int m = 0; m < r.M; m++) r.routed[r.choice_expert[m]] += 1.0;
     return r;
 }
 
@@ -43,17 +41,24 @@ static std::vector<double> global_counts(const RouterLossArgs& l, int E) {
 
 void router_topk_forward_cpu(float* s, int* choice_expert, float* choice_gate, const float* z, const float* bias,
                              const TopkRouterArgs& a) {
-    const size_t NE = (size_t)a.N * a.E;
-    Routing r = topk_routing(a, nullptr);
-    router_scores(r.s, copy_of(z, NE), a.N, a.E, a.sigmoid);
-    std::vector<float> sel = r.s;
-    if (bias)
-        for (int n = 0; n < a.N; n++) for (int e = 0; e < a.E; e++) sel[(size_t)n * a.E + e] += bias[e];
-    select_topk(r, sel, a.k, a.groups, a.topk_groups);
-    choice_gates(r, a.k, a.normalize, a.scale, true);
-    std::copy(r.s.begin(), r.s.end(), s);
-    std::copy(r.choice_expert.begin(), r.choice_expert.end(), choice_expert);
-    std::copy(r.choice_gate.begin(), r.choice_gate.end(), choice_gate);
+    const int E = a.E, k = a.k;
+    #pragma omp parallel
+    {
+        TopkScratch w;
+        std::vector<float> sel(bias ? E : 0);
+        #pragma omp for schedule(static)
+        for (int n = 0; n < a.N; n++) {
+            float* sr = s + (size_t)n * E;   // (E)
+            score_row(sr, z + (size_t)n * E, E, a.sigmoid);
+            const float* v = sr;
+            if (bias) {
+                for (int e = 0; e < E; e++) sel[e] = sr[e] + bias[e];
+                v = sel.data();
+            }
+            topk_row(choice_expert + (size_t)n * k, v, E, k, a.groups, a.topk_groups, w);
+            gates_row(choice_gate + (size_t)n * k, sr, choice_expert + (size_t)n * k, k, a.normalize, a.scale);
+        }
+    }
 }
 
 void router_plan_build_cpu(int* offsets, int* routed, int* token, float* gate, int* choice, int* tok_offsets,
@@ -75,33 +80,61 @@ void router_plan_build_cpu(int* offsets, int* routed, int* token, float* gate, i
 
 RouterLosses router_balance_forward_cpu(const float* z, const float* s, const int* choice_expert,
                                         const float* choice_gate, const TopkRouterArgs& a, const RouterLossArgs& l) {
-    Routing r = topk_routing(a, choice_expert, z, s);
+    const int M = a.N * a.k;
+    std::vector<double> routed(a.E, 0.0);
+    for (int m = 0; m < M; m++) routed[choice_expert[m]] += 1.0;
     MoeStats st;
-    balance_forward(st, r, balance_config(l), a.k, l.aux_seq_len, global_counts(l, a.E));
-    std::vector<float> top1(a.N, 0.0f);
-    for (int m = 0; m < r.M; m++) top1[r.choice_token[m]] = std::max(top1[r.choice_token[m]], choice_gate[m]);
+    aux_z_terms(st, z, s, nullptr, choice_expert, M, routed, balance_config(l), a.k, a.N, a.E, l.aux_seq_len,
+                global_counts(l, a.E));
     RouterLosses out;
     out.aux = st.aux;
     out.z = st.z;
     out.z_sum = st.z_mean_sum;
-    out.top1_gate_sum = std::accumulate(top1.begin(), top1.end(), 0.0);
+    for (int n = 0; n < a.N; n++) {   // the largest gate of each token, summed in token order
+        float top1 = 0.0f;
+        for (int j = 0; j < a.k; j++) top1 = std::max(top1, choice_gate[(size_t)n * a.k + j]);
+        out.top1_gate_sum += top1;
+    }
     return out;
 }
 
 void router_topk_backward_cpu(float* dz, const float* dgate, const int* choice, int A, const float* z,
                               const float* s, const int* choice_expert, const TopkRouterArgs& a,
                               const RouterLossArgs& l, float dloss_scale) {
-    const size_t NE = (size_t)a.N * a.E;
-    Routing r = topk_routing(a, choice_expert, z, s);
-    std::vector<float> dchoice(r.M, 0.0f);
+    const int N = a.N, E = a.E, k = a.k, M = N * k;
+    std::vector<float> dchoice(M, 0.0f);   // the plan's gate gradients by router choice
     for (int i = 0; i < A; i++) dchoice[choice[i]] = dgate[i];
-    BalanceGrads bg;   // no dzc / dstd: they belong to the load loss, which these ops do not take
-    bg.ds.assign(NE, 0.0f);
-    bg.dz.assign(NE, 0.0f);
-    choice_gates_backward(bg.ds, r, dchoice, a.k, a.normalize, a.scale, true);
-    balance_backward(bg, r, balance_config(l), a.k, l.aux_seq_len, global_counts(l, a.E), dloss_scale);
-    router_scores_backward(bg.dz, bg.ds, r.s, a.N, a.E, a.sigmoid);
-    std::copy(bg.dz.begin(), bg.dz.end(), dz);
+    const BalanceConfig bal = balance_config(l);
+    std::vector<double> routed;
+    if (bal.aux_loss > 0 && bal.aux_scope == "micro_batch") {
+        routed.assign(E, 0.0);
+        for (int m = 0; m < M; m++) routed[choice_expert[m]] += 1.0;
+    }
+    const std::vector<float> daux = aux_score_grads(bal, nullptr, choice_expert, M, k, N, E, l.aux_seq_len, routed,
+                                                    global_counts(l, E), dloss_scale);
+    const int aux_rows = (int)(daux.size() / E);   // 1, or one per sequence
+    const double zcoef = dloss_scale * bal.z_loss * 2.0;
+    // per token, as the host functions: ds = gates' gradient + aux term; dz = z-loss term + the
+    // scores' backward of ds
+    #pragma omp parallel
+    {
+        std::vector<float> ds(E), e(E);
+        #pragma omp for schedule(static)
+        for (int n = 0; n < N; n++) {
+            const float* sr = s + (size_t)n * E;
+            float* dzr = dz + (size_t)n * E;   // (E)
+            std::fill(ds.begin(), ds.end(), 0.0f);
+            gates_backward_row(ds.data(), sr, choice_expert + (size_t)n * k, &dchoice[(size_t)n * k], k, a.normalize,
+                               a.scale);
+            if (aux_rows == 1 || (aux_rows > 1 && n / l.aux_seq_len < aux_rows)) {
+                const float* d = &daux[(size_t)(aux_rows > 1 ? n / l.aux_seq_len : 0) * E];
+                for (int i = 0; i < E; i++) ds[i] += d[i];
+            }
+            std::fill(dzr, dzr + E, 0.0f);
+            if (bal.z_loss > 0) z_loss_backward_row(dzr, z + (size_t)n * E, E, zcoef, N, e.data());
+            scores_backward_row(dzr, ds.data(), sr, E, a.sigmoid);
+        }
+    }
 }
 
 }  // namespace moe

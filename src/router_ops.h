@@ -1,8 +1,9 @@
 /* CPU twins of the Backend routing ops (backend.h: router_topk_forward, router_plan_build,
-   router_balance_forward, router_topk_backward). Each copies its arrays into a Routing and calls
-   the host routing functions of moe_router.h, exactly as the MoE layer used to call them inline,
-   so the CPU backend's routing bits are those functions' bits; they are also the oracle of the
-   CUDA router kernels (tests/gpu/test_gpu_router.cpp). Pointers are host memory. */
+   router_balance_forward, router_topk_backward), on the backend's arrays in place: the per-token
+   ops fused over tokens with the per-token pieces of moe_router.h, the plan build and the
+   statistics through the host routing functions. So the CPU backend's routing bits are those
+   functions' bits (tests/test_router_ops.cpp); they are also the oracle of the CUDA router
+   kernels (tests/gpu/test_gpu_router.cpp). Pointers are host memory. */
 #pragma once
 #include "backend.h"
 
