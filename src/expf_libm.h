@@ -12,6 +12,9 @@
 #include <cstring>
 
 #include <cmath>
+#if defined(__AVX512F__) && !defined(__CUDACC__)
+#include <immintrin.h>
+#endif
 #ifdef __CUDACC__
 #define MOE_HD __device__ __forceinline__   // device only: the table is __constant__ memory
 #else
@@ -84,6 +87,56 @@ MOE_HD float expf_libm(float x) {
     y = expf_libm_fma(z, r2, y);
     return (float)expf_libm_mul(y, s);
 }
+
+#if defined(__AVX512F__) && !defined(__CUDACC__)
+// 16 lanes of expf_libm with the same double operations (explicit FMAs, the table by two
+// two-source permutes): the router's softmax/sigmoid on the host, where the scalar call was most
+// of the routing's time with 64 experts. Lanes outside the main range (|x| >= 88, inf, nan) are
+// finished by the scalar function.
+// GCC 12's AVX-512 intrinsics start from an "undefined" register that -Wmaybe-uninitialized
+// reports (GCC bug 105593, fixed in 13)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+inline __m512 expf_libm16(__m512 x) {
+    const __m512d InvLn2N = _mm512_set1_pd(0x1.71547652b82fep+0 * 32), Shift = _mm512_set1_pd(0x1.8p+52);
+    const __m512d C0 = _mm512_set1_pd(0x1.c6af84b912394p-5 / 32768), C1 = _mm512_set1_pd(0x1.ebfce50fac4f3p-3 / 1024);
+    const __m512d C2 = _mm512_set1_pd(0x1.62e42ff0c52d6p-1 / 32), One = _mm512_set1_pd(1.0);
+    const __m512i tab[4] = {_mm512_loadu_si512(kExpfTable), _mm512_loadu_si512(kExpfTable + 8),
+                            _mm512_loadu_si512(kExpfTable + 16), _mm512_loadu_si512(kExpfTable + 24)};
+    __m256 half[2];
+    for (int h = 0; h < 2; h++) {
+        const __m512d xd = _mm512_cvtps_pd(h ? _mm512_extractf32x8_ps(x, 1) : _mm512_castps512_ps256(x));
+        __m512d kd = _mm512_fmadd_pd(InvLn2N, xd, Shift);
+        const __m512i ki = _mm512_castpd_si512(kd);
+        kd = _mm512_sub_pd(kd, Shift);
+        const __m512d r = _mm512_fmadd_pd(InvLn2N, xd, _mm512_sub_pd(_mm512_setzero_pd(), kd));
+        const __m512i idx = _mm512_and_si512(ki, _mm512_set1_epi64(31));   // ki % 32
+        const __m512i lo = _mm512_permutex2var_epi64(tab[0], idx, tab[1]); // entries 0..15 (bit 3 picks the source)
+        const __m512i hi = _mm512_permutex2var_epi64(tab[2], idx, tab[3]); // entries 16..31
+        const __mmask8 upper = _mm512_test_epi64_mask(idx, _mm512_set1_epi64(16));
+        const __m512i t = _mm512_add_epi64(_mm512_mask_blend_epi64(upper, lo, hi), _mm512_slli_epi64(ki, 47));
+        const __m512d z = _mm512_fmadd_pd(C0, r, C1);
+        const __m512d r2 = _mm512_mul_pd(r, r);
+        __m512d y = _mm512_fmadd_pd(C2, r, One);
+        y = _mm512_fmadd_pd(z, r2, y);
+        half[h] = _mm512_cvtpd_ps(_mm512_mul_pd(y, _mm512_castsi512_pd(t)));
+    }
+    __m512 out = _mm512_insertf32x8(_mm512_castps256_ps512(half[0]), half[1], 1);
+    // abstop > 0x42a: the scalar function's special cases
+    const __m512i abstop = _mm512_and_si512(_mm512_srli_epi32(_mm512_castps_si512(x), 20), _mm512_set1_epi32(0x7ff));
+    const __mmask16 special = _mm512_cmpgt_epi32_mask(abstop, _mm512_set1_epi32(0x42a));
+    if (special) {
+        alignas(64) float xs[16], os[16];
+        _mm512_store_ps(xs, x);
+        _mm512_store_ps(os, out);
+        for (int i = 0; i < 16; i++)
+            if (special >> i & 1) os[i] = expf_libm(xs[i]);
+        out = _mm512_load_ps(os);
+    }
+    return out;
+}
+#pragma GCC diagnostic pop
+#endif
 
 }  // namespace moe
 

@@ -1,6 +1,13 @@
 /* Routing math of the MoE layer; see moe_router.h and docs/moe.md for the exact definitions. */
 #include "moe_router.h"
 #include "simd_cpu.h"
+#include "expf_libm.h"
+
+#if defined(__AVX512F__)
+// GCC 12's AVX-512 intrinsics start from an "undefined" register that -Wmaybe-uninitialized
+// reports (GCC bug 105593, fixed in 13)
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -8,14 +15,30 @@
 
 namespace moe {
 
+#if defined(__AVX512F__)
+static __m512 neg(__m512 x) { return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), _mm512_set1_epi32(INT32_MIN))); }
+#endif
+
 void score_row(float* s, const float* z, int E, bool sigmoid) {
-    if (sigmoid) {
-        for (int e = 0; e < E; e++) s[e] = 1.0f / (1.0f + std::exp(-z[e]));
-        return;
+    // glibc's expf (std::exp), 16 lanes at a time where the CPU has AVX-512: expf_libm16 is the
+    // same function bit for bit (tests/test_router_ops.cpp), and so is the CUDA router's expf_libm
+    const float mx = sigmoid ? 0.0f : simd::max_of(z, E);
+    int e = 0;
+#if defined(__AVX512F__)
+    for (; e + 16 <= E; e += 16) {
+        const __m512 x = _mm512_loadu_ps(z + e);
+        if (sigmoid)
+            _mm512_storeu_ps(s + e, _mm512_div_ps(_mm512_set1_ps(1.0f),
+                                                  _mm512_add_ps(_mm512_set1_ps(1.0f), expf_libm16(neg(x)))));
+        else
+            _mm512_storeu_ps(s + e, expf_libm16(_mm512_sub_ps(x, _mm512_set1_ps(mx))));
     }
-    float mx = *std::max_element(z, z + E), sum = 0.0f;
-    for (int e = 0; e < E; e++) { s[e] = std::exp(z[e] - mx); sum += s[e]; }
-    for (int e = 0; e < E; e++) s[e] /= sum;
+#endif
+    for (; e < E; e++) s[e] = sigmoid ? 1.0f / (1.0f + std::exp(-z[e])) : std::exp(z[e] - mx);
+    if (sigmoid) return;
+    float sum = 0.0f;
+    for (int i = 0; i < E; i++) sum += s[i];
+    for (int i = 0; i < E; i++) s[i] /= sum;
 }
 
 void router_scores(std::vector<float>& s, const std::vector<float>& z, int N, int E, bool sigmoid) {
@@ -49,6 +72,31 @@ static int argmax_allowed(const float* v, const uint8_t* allowed, int E) {
 }
 
 void topk_row(int* expert, const float* v, int E, int k, int groups, int topk_groups, TopkScratch& w) {
+#if defined(__AVX512F__)
+    if (groups == 1) {
+        // k rounds of a 16-lane arg-max: the largest allowed value, then the first allowed expert
+        // holding it (ties: lower index, as argmax_allowed); `left` has a bit per allowed expert
+        const int nc = (E + 15) / 16;
+        w.left.resize(nc);
+        for (int c = 0; c < nc; c++) w.left[c] = (__mmask16)(E - 16 * c >= 16 ? 0xffff : (1u << (E - 16 * c)) - 1);
+        const __m512 ninf = _mm512_set1_ps(-INFINITY);
+        for (int j = 0; j < k; j++) {
+            __m512 best = ninf;
+            for (int c = 0; c < nc; c++) best = _mm512_max_ps(best, _mm512_mask_loadu_ps(ninf, w.left[c], v + 16 * c));
+            const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(best));
+            for (int c = 0; c < nc; c++) {
+                const __mmask16 hit = _mm512_mask_cmp_ps_mask(w.left[c], _mm512_mask_loadu_ps(ninf, w.left[c], v + 16 * c), m, _CMP_EQ_OQ);
+                if (hit) {
+                    const int b = __builtin_ctz(hit);
+                    expert[j] = 16 * c + b;
+                    w.left[c] &= (__mmask16)~(1u << b);
+                    break;
+                }
+            }
+        }
+        return;
+    }
+#endif
     w.allowed.assign(E, 1);
     if (groups > 1) {
         const int Eg = E / groups, per_group = std::min(std::max(1, k / topk_groups), Eg);
@@ -250,7 +298,7 @@ void build_plan(Routing& r) {
 // vector exp: N x E scalar double exps were most of the routing's time with 64 experts); e (E)
 // gets exp(z - max), *sum their sum (fixed lane order: the same bits for any thread count)
 double lse_row(const float* z, int E, float* e, float* sum) {
-    const float mx = *std::max_element(z, z + E);
+    const float mx = simd::max_of(z, E);
     *sum = simd::exp_shift_sum(e, z, mx, E);
     return mx + std::log((double)*sum);
 }

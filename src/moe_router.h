@@ -53,6 +53,7 @@ void router_scores_backward(std::vector<float>& dz, const std::vector<float>& ds
 struct TopkScratch {                  // per-thread scratch of topk_row
     std::vector<uint8_t> allowed, gallowed, keep;
     std::vector<float> vals, gscore;
+    std::vector<uint16_t> left;       // AVX-512 path: a bit per expert still allowed
 };
 void score_row(float* s, const float* z, int E, bool sigmoid);                          // (E) <- (E)
 void topk_row(int* expert, const float* sel, int E, int k, int groups, int topk_groups, TopkScratch& w);  // (k)

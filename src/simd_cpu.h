@@ -5,6 +5,7 @@
 #pragma once
 #include "exp_poly.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -57,6 +58,23 @@ inline vec exp_fast(vec x) {
     const vec p = exp_poly(xc, n);
     const ivec bits = (__builtin_convertvector(n, ivec) + 127) << 23;
     return x < lo ? vec{} : p * (vec)bits;
+}
+
+// The largest of v[0..n) (n >= 1), lane-wise then across lanes: the value *std::max_element gives
+// for values that are not NaN (a zero may come back with the other sign, which no caller can
+// tell apart: they subtract it or add it to a logarithm), without its serial compare chain.
+inline float max_of(const float* v, int n) {
+    if (n < VL) return *std::max_element(v, v + n);
+    vec m = vload(v);
+    int i = VL;
+    for (; i + VL <= n; i += VL) {
+        const vec x = vload(v + i);
+        m = x > m ? x : m;
+    }
+    float r = m[0];
+    for (int l = 1; l < VL; l++) r = m[l] > r ? m[l] : r;
+    for (; i < n; i++) r = v[i] > r ? v[i] : r;
+    return r;
 }
 
 // out[i] = exp(in[i] - shift) for i < n; returns their sum (lane sums, then the tail)

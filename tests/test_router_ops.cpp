@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 #include <random>
 #include <vector>
 
@@ -155,7 +156,74 @@ TEST_CASE("router ops: expf_libm (the CUDA router's exp) is glibc's expf bit for
         if (!sig) for (float& w : want) w /= sum;
         CHECK(same(want, s.data(), E));
     }
+#if defined(__AVX512F__)
+    // the 16-lane form the host's router_scores uses: same sweep, 16 arguments at a time
+    long bad16 = 0;
+    float first_bad16 = 0;
+    for (uint64_t u0 = 0; u0 <= 0xffffffffull; u0 += 97 * 16) {
+        alignas(64) float x[16], got[16];
+        for (int i = 0; i < 16; i++) {
+            const uint32_t b = (uint32_t)(u0 + 97 * i);
+            std::memcpy(&x[i], &b, 4);
+        }
+        _mm512_store_ps(got, expf_libm16(_mm512_load_ps(x)));
+        for (int i = 0; i < 16; i++) {
+            const float want = std::exp(x[i]);
+            if (std::memcmp(&want, &got[i], 4) != 0 && !(std::isnan(want) && std::isnan(got[i])) && bad16++ == 0)
+                first_bad16 = x[i];
+        }
+    }
+    INFO("expf_libm16 differs from glibc's expf (first at x = " << first_bad16 << ")");
+    CHECK(bad16 == 0);
+#endif
+    // and router_scores on rows long enough for the 16-lane path, with a tail
+    for (bool sig : {false, true}) {
+        std::mt19937 g(7);
+        std::normal_distribution<float> nd(0.0f, 4.0f);
+        std::vector<float> zz(37);
+        for (float& v : zz) v = nd(g);
+        zz[3] = 95.0f;   // a lane for the scalar special cases
+        std::vector<float> s2;
+        router_scores(s2, zz, 1, 37, sig);
+        float mx = *std::max_element(zz.begin(), zz.end()), sum = 0.0f;
+        std::vector<float> want(37);
+        for (int e = 0; e < 37; e++) {
+            want[e] = sig ? 1.0f / (1.0f + std::exp(-zz[e])) : std::exp(zz[e] - mx);
+            sum += want[e];
+        }
+        if (!sig) for (float& w : want) w /= sum;
+        CHECK(same(want, s2.data(), 37));
+    }
     INFO("glibc's expf differs from expf_libm (first at x = " << first_bad << "): the CUDA router's scores would "
          "not be this host's bits (docs/cuda.md, Routing)");
     CHECK(bad == 0);
+}
+
+TEST_CASE("router ops: topk_row picks the k largest, best first, ties to the lower expert") {
+    // against a stable sort by value (descending); rows with many exact ties and -inf entries,
+    // expert counts around the 16-lane width; also the generic arg-max rounds of the group path
+    std::mt19937 g(11);
+    std::uniform_int_distribution<int> level(-3, 3);
+    TopkScratch w;
+    for (int E : {1, 2, 5, 15, 16, 17, 33, 64, 100}) {
+        for (int k = 1; k <= std::min(E, 9); k++) {
+            for (int rep = 0; rep < 20; rep++) {
+                std::vector<float> v(E);
+                for (float& x : v) x = rep % 3 == 0 ? (float)level(g) : (float)level(g) * 0.37f + 0.01f * (float)level(g);
+                if (rep % 5 == 1) v[(size_t)rep % E] = -INFINITY;
+                if (rep % 7 == 2) std::fill(v.begin(), v.end(), -INFINITY);
+                std::vector<int> order(E);
+                std::iota(order.begin(), order.end(), 0);
+                std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return v[a] > v[b]; });
+                std::vector<int> got(k, -1);
+                topk_row(got.data(), v.data(), E, k, 1, 1, w);
+                CAPTURE(E); CAPTURE(k); CAPTURE(rep);
+                CHECK(std::equal(got.begin(), got.end(), order.begin()));
+                // every expert its own group and every group kept: the generic arg-max rounds
+                std::vector<int> rounds(k, -1);
+                topk_row(rounds.data(), v.data(), E, k, E, E, w);
+                CHECK(rounds == got);
+            }
+        }
+    }
 }
