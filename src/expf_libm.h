@@ -1,12 +1,12 @@
 /* expf exactly as glibc >= 2.27 computes it on an x86-64 CPU with FMA (the `__expf_fma` variant
    that glibc's ifunc picks on every CPU of the last decade): exp(x) = 2^(k/32) * p(r) in double,
-   a 32-entry table of 2^(i/32), a cubic, one rounding to float. The router's host code
-   (moe_router.cpp) uses std::exp for its softmax/sigmoid scores; the CUDA router kernels call
-   this function (device side, explicit __fma_rn / _rn operations: nvcc must not contract or
-   reorder anything) so that both backends compute the same score bits and therefore the same
-   top-k choices. tests/test_router_ops.cpp checks it bit for bit against std::exp on the host.
-   Constants and the operation order read from glibc's sysdeps/ieee754/flt-32/e_expf.c and the
-   disassembly of its FMA build. */
+   a 32-entry table of 2^(i/32), a cubic, one rounding to float. The router's scores use it on
+   both backends, so both compute the same score bits and therefore the same top-k choices: the
+   CUDA router kernels call expf_libm (device side, explicit __fma_rn / _rn operations: nvcc must
+   not contract or reorder anything), the host's score_row (moe_router.cpp) calls expf_libm16, 16
+   lanes at a time, under AVX-512 and std::exp elsewhere. tests/test_router_ops.cpp checks both
+   forms bit for bit against std::exp on the host. Constants and the operation order read from
+   glibc's sysdeps/ieee754/flt-32/e_expf.c and the disassembly of its FMA build. */
 #pragma once
 #include <cstdint>
 #include <cstring>
