@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 MOE=${MOE:-build/moe}
 PY=${PYTHON:-/usr/bin/python3}
 STEPS=${STEPS:-10}
-REPS=${REPS:-3}
+REPS=${REPS:-5}
 NT=$(nproc)
 CONFIGS=${CONFIGS:-"configs/quickstart.yaml configs/bench/cpu_large.yaml"}
 field() { "$PY" -c "import json,sys; print(json.loads(sys.argv[1])['$2'])" "$1"; }
