@@ -80,11 +80,13 @@ void topk_row(int* expert, const float* v, int E, int k, int groups, int topk_gr
         w.left.resize(nc);
         for (int c = 0; c < nc; c++) w.left[c] = (__mmask16)(E - 16 * c >= 16 ? 0xffff : (1u << (E - 16 * c)) - 1);
         const __m512 ninf = _mm512_set1_ps(-INFINITY);
-        for (int j = 0; j < k; j++) {
+        int j = 0;
+        for (; j < k; j++) {
             __m512 best = ninf;
             for (int c = 0; c < nc; c++) best = _mm512_max_ps(best, _mm512_mask_loadu_ps(ninf, w.left[c], v + 16 * c));
             const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(best));
-            for (int c = 0; c < nc; c++) {
+            int c = 0;
+            for (; c < nc; c++) {
                 const __mmask16 hit = _mm512_mask_cmp_ps_mask(w.left[c], _mm512_mask_loadu_ps(ninf, w.left[c], v + 16 * c), m, _CMP_EQ_OQ);
                 if (hit) {
                     const int b = __builtin_ctz(hit);
@@ -93,8 +95,9 @@ void topk_row(int* expert, const float* v, int E, int k, int groups, int topk_gr
                     break;
                 }
             }
+            if (c == nc) break;   // a NaN maximum equals nothing: the rounds below decide the row
         }
-        return;
+        if (j == k) return;
     }
 #endif
     w.allowed.assign(E, 1);

@@ -223,6 +223,19 @@ TEST_CASE("router ops: topk_row picks the k largest, best first, ties to the low
                 std::vector<int> rounds(k, -1);
                 topk_row(rounds.data(), v.data(), E, k, E, E, w);
                 CHECK(rounds == got);
+                // NaN scores (a diverging step, before the nonfinite guard sees its loss): still k
+                // distinct experts, never an index out of range
+                if (rep % 4 == 3) {
+                    v[(size_t)(rep * 7) % E] = NAN;
+                    if (rep % 8 == 7) std::fill(v.begin(), v.end(), NAN);
+                    std::vector<int> nan_pick(k, -1);
+                    topk_row(nan_pick.data(), v.data(), E, k, 1, 1, w);
+                    std::vector<int> sorted = nan_pick;
+                    std::sort(sorted.begin(), sorted.end());
+                    CHECK(sorted.front() >= 0);
+                    CHECK(sorted.back() < E);
+                    CHECK(std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end());
+                }
             }
         }
     }
