@@ -164,9 +164,14 @@ gemm_bf16_kernel(GemmProblem one, const GemmProblem* probs, const GemmTile* tile
             __syncthreads();
         }
     }
-    // accumulator layout of m16n8: c0, c1 at (row lane/4, cols 2*(lane%4) + 0/1), c2, c3 at row + 8
+    // accumulator layout of m16n8: c0, c1 at (row lane/4, cols 2*(lane%4) + 0/1), c2, c3 at row + 8.
+    // Unrolled, so that acc is indexed by constants and stays in registers (rolled loops put the
+    // whole array in local memory: a 256-byte stack frame in `-Xptxas -v`)
+#pragma unroll
     for (int mt = 0; mt < 4; mt++)
+#pragma unroll
         for (int nt = 0; nt < 4; nt++)
+#pragma unroll
             for (int r = 0; r < 4; r++) {
                 const int m = m0 + wm * 64 + mt * 16 + lane / 4 + (r / 2) * 8;
                 const int n = n0 + wn * 32 + nt * 8 + (lane % 4) * 2 + r % 2;
