@@ -441,11 +441,12 @@ void router_balance_forward(double* out, double* scratch, const float* z /* (N, 
     double* lse2 = P + F;                      // (N)
     double* top1 = lse2 + a.N;                 // (N)
     double* counts = top1 + a.N;               // (E) global counts
-    if (l.aux_loss > 0) {
-        if (l.aux_counts) cudaCheck(cudaMemcpyAsync(counts, l.aux_counts, a.E * sizeof(double), cudaMemcpyHostToDevice,
-                                                    stream));
+    if (l.aux_loss > 0 && F > 0) {   // F = 0: fewer tokens than one sequence, aux 0 as on the host
+        const bool global = l.aux_counts && l.aux_seq_len <= 0;   // sequence scope takes its own counts
+        if (global) cudaCheck(cudaMemcpyAsync(counts, l.aux_counts, a.E * sizeof(double), cudaMemcpyHostToDevice,
+                                              stream));
         router_aux_columns_kernel<<<CEIL_DIV(F, 128), 128, 0, stream>>>(f, P, s, choice_expert,
-                                                                         l.aux_counts ? counts : nullptr, a, seg);
+                                                                         global ? counts : nullptr, a, seg);
         cudaCheck(cudaGetLastError());
     }
     if (a.N > 0) {
@@ -479,7 +480,7 @@ __global__ void router_dchoice_kernel(float* dchoice, const float* dgate, const 
 // gradient + the softmax/sigmoid backward (router_scores_backward), in the host's order
 __global__ void router_topk_backward_kernel(float* dz, const float* dchoice, const float* coef, const float* z,
                                             const float* s, const int* choice_expert, TopkRouterArgs a, int seg_len,
-                                            double zcoef) {
+                                            int nseg, double zcoef) {
     __shared__ float ds_all[kRouterWarps][kRouterMaxE];
     const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
     const int n = blockIdx.x * kRouterWarps + warp, E = a.E, k = a.k;
@@ -508,7 +509,7 @@ __global__ void router_topk_backward_kernel(float* dz, const float* dchoice, con
         }
     }
     __syncwarp();
-    if (coef) {
+    if (coef && n / seg_len < nseg) {                  // tokens past the last whole sequence: no term
         const float* c = coef + (size_t)(n / seg_len) * E;
         for (int e = lane; e < E; e += kWarp) ds[e] = __fadd_rn(ds[e], c[e]);
     }
@@ -560,16 +561,17 @@ void router_topk_backward(float* dz,                // (N, E), overwritten
         router_dchoice_kernel<<<CEIL_DIV(A, 256), 256, 0, stream>>>(dchoice, dgate, choice, A);
         cudaCheck(cudaGetLastError());
     }
-    const bool aux = l.aux_loss > 0;
+    const int F = seg.nseg * a.E;
+    const bool aux = l.aux_loss > 0 && F > 0;   // F = 0: fewer tokens than one sequence, no aux term
     if (aux) {
-        const int F = seg.nseg * a.E;
         double* f = balance_scratch;
         double* P = f + F;
         double* counts = P + F + 2 * (size_t)a.N;
-        if (l.aux_counts) cudaCheck(cudaMemcpyAsync(counts, l.aux_counts, a.E * sizeof(double), cudaMemcpyHostToDevice,
-                                                    stream));
+        const bool global = l.aux_counts && l.aux_seq_len <= 0;   // sequence scope takes its own counts
+        if (global) cudaCheck(cudaMemcpyAsync(counts, l.aux_counts, a.E * sizeof(double), cudaMemcpyHostToDevice,
+                                              stream));
         router_aux_columns_kernel<<<CEIL_DIV(F, 128), 128, 0, stream>>>(f, P, s, choice_expert,
-                                                                         l.aux_counts ? counts : nullptr, a, seg);
+                                                                         global ? counts : nullptr, a, seg);
         cudaCheck(cudaGetLastError());
         router_aux_coef_kernel<<<CEIL_DIV(F, 128), 128, 0, stream>>>(coef, f, a, seg, l.aux_loss, dloss_scale,
                                                                       l.aux_seq_len > 0);
@@ -577,7 +579,7 @@ void router_topk_backward(float* dz,                // (N, E), overwritten
     }
     const double zcoef = (double)dloss_scale * l.z_loss;
     router_topk_backward_kernel<<<CEIL_DIV(a.N, kRouterWarps), kRouterWarps * kWarp, 0, stream>>>(
-        dz, dchoice, aux ? coef : nullptr, z, s, choice_expert, a, seg.len, zcoef);
+        dz, dchoice, aux ? coef : nullptr, z, s, choice_expert, a, seg.len, seg.nseg, zcoef);
     cudaCheck(cudaGetLastError());
 }
 

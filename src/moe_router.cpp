@@ -453,10 +453,12 @@ void balance_backward(BalanceGrads& g, const Routing& r, const BalanceConfig& ba
                                                  r.routed, global_routed, scale);
     if (!d.empty()) {   // one row of d per sequence (sequence scope), else one for every token
         const int rows = (int)(d.size() / E);
+        const bool per_seq = bal.aux_scope == "sequence";
         #pragma omp parallel for schedule(static)
         for (int n = 0; n < N; n++) {
-            if (rows > 1 && n / T >= rows) continue;   // past the last whole sequence
-            const float* dr = rows > 1 ? &d[(size_t)(n / T) * E] : d.data();
+            const int row = per_seq ? n / T : 0;
+            if (row >= rows) continue;   // past the last whole sequence: not in any term
+            const float* dr = &d[(size_t)row * E];
             for (int i = 0; i < E; i++) g.ds[(size_t)n * E + i] += dr[i];
         }
     }

@@ -112,7 +112,7 @@ void router_topk_backward_cpu(float* dz, const float* dgate, const int* choice, 
     }
     const std::vector<float> daux = aux_score_grads(bal, nullptr, choice_expert, M, k, N, E, l.aux_seq_len, routed,
                                                     global_counts(l, E), dloss_scale);
-    const int aux_rows = (int)(daux.size() / E);   // 1, or one per sequence
+    const int aux_rows = (int)(daux.size() / E);   // 1, or one per whole sequence (0 without aux)
     const double zcoef = dloss_scale * bal.z_loss * 2.0;
     // per token, as the host functions: ds = gates' gradient + aux term; dz = z-loss term + the
     // scores' backward of ds
@@ -126,8 +126,9 @@ void router_topk_backward_cpu(float* dz, const float* dgate, const int* choice, 
             std::fill(ds.begin(), ds.end(), 0.0f);
             gates_backward_row(ds.data(), sr, choice_expert + (size_t)n * k, &dchoice[(size_t)n * k], k, a.normalize,
                                a.scale);
-            if (aux_rows == 1 || (aux_rows > 1 && n / l.aux_seq_len < aux_rows)) {
-                const float* d = &daux[(size_t)(aux_rows > 1 ? n / l.aux_seq_len : 0) * E];
+            const int row = l.aux_seq_len > 0 ? n / l.aux_seq_len : 0;   // past the last whole sequence:
+            if (row < aux_rows) {                                       // not in any term
+                const float* d = &daux[(size_t)row * E];
                 for (int i = 0; i < E; i++) ds[i] += d[i];
             }
             std::fill(dzr, dzr + E, 0.0f);

@@ -121,6 +121,11 @@ TEST_CASE("router ops: the CPU backend's routing ops are the inline host routing
     { Case c{257, 64, 6}; c.groups = 8; c.topk_groups = 3; c.bias = true; check_case(c, seed++); }
     { Case c{512, 16, 4}; c.cap = 100; c.by_probs = false; c.T = 128; check_case(c, seed++); }
     { Case c{200, 24, 1}; c.normalize = false; c.scale = 2.5f; c.global = true; c.cap = 5; check_case(c, seed++); }
+    // sequence scope with tokens past the last whole sequence (no aux term for them), and fewer
+    // tokens than one sequence (no aux term at all)
+    { Case c{300, 16, 2}; c.T = 128; check_case(c, seed++); }
+    { Case c{200, 8, 2}; c.T = 128; check_case(c, seed++); }
+    { Case c{100, 8, 2}; c.T = 128; check_case(c, seed++); }
     // the quickstart's shape with 64 experts, and sequences: many tokens per thread
     check_case({2048, 64, 2}, seed++);
     { Case c{2048, 64, 2}; c.T = 256; c.bias = true; check_case(c, seed++); }

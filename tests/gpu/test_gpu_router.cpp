@@ -191,6 +191,9 @@ void router_all(Env& e) {
     { RouteCase c = rc(200, 40, 1); c.logits = "one"; route_case(e, c, seed++); }                  // 39 empty experts
     { RouteCase c = rc(4096, 128, 5); c.normalize = false; c.scale = 2.5f; c.seq_len = 512; route_case(e, c, seed++); }
     { RouteCase c = rc(1030, 48, 2); c.seq_len = 103; c.bias = true; route_case(e, c, seed++); }   // 10 sequences
+    { RouteCase c = rc(700, 8, 2); c.seq_len = 512; route_case(e, c, seed++); }    // a sequence and a tail
+    { RouteCase c = rc(1100, 8, 2); c.seq_len = 512; route_case(e, c, seed++); }   // two sequences and a tail
+    { RouteCase c = rc(100, 8, 2); c.seq_len = 512; route_case(e, c, seed++); }    // less than one sequence
     { RouteCase c = rc(640, 24, 3); c.global = true; c.capacity = 70; route_case(e, c, seed++); }
     for (int k = 1; k <= 8; k++) {                                   // every k on E = 33 (not a multiple of 32)
         RouteCase c = rc(515, 33, k);
