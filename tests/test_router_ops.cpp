@@ -245,3 +245,35 @@ TEST_CASE("router ops: topk_row picks the k largest, best first, ties to the low
         }
     }
 }
+
+TEST_CASE("router ops: sequence-scope aux loss has no gradient for tokens past the last whole sequence") {
+    // N = 200 tokens, sequences of T = 128: one whole sequence and a tail of 72 tokens that no aux
+    // term sees (balance_forward's P and counts cover whole sequences only), so the tail's score
+    // gradients must stay zero; the same through the CPU backend's op, whose dz is checked against
+    // the host functions' bits in check_case above
+    const int N = 200, E = 8, k = 2, T = 128;
+    std::mt19937 g(5);
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    Routing r;
+    r.N = N; r.E = E;
+    r.z.resize((size_t)N * E);
+    for (float& v : r.z) v = nd(g);
+    router_scores(r.s, r.z, N, E, false);
+    select_topk(r, r.s, k, 1, 1);
+    BalanceConfig bal;
+    bal.aux_loss = 0.01;
+    bal.aux_scope = "sequence";
+    BalanceGrads bg;
+    bg.ds.assign((size_t)N * E, 0.0f);
+    bg.dz.assign((size_t)N * E, 0.0f);
+    balance_backward(bg, r, bal, k, T, {}, 1.0f);
+    bool head_nonzero = false, tail_zero = true;
+    for (int n = 0; n < N; n++)
+        for (int e = 0; e < E; e++) {
+            const float d = bg.ds[(size_t)n * E + e];
+            if (n < T) head_nonzero |= d != 0.0f;
+            else tail_zero &= d == 0.0f;
+        }
+    CHECK(head_nonzero);
+    CHECK(tail_zero);
+}
