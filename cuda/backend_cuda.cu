@@ -15,8 +15,6 @@
 namespace moe {
 namespace cuda {
 
-// (a named namespace: device_memory() and stream() below must not be flagged as unused where
-// Backend does not declare them yet)
 struct CudaBackend final : Backend {
     int device_;
     bool bf16_;
@@ -39,10 +37,9 @@ struct CudaBackend final : Backend {
         cudaStreamDestroy(stream_);
     }
     std::string name() const override { return "cuda"; }
-    // device memory and the stream, for the NCCL transport of Dist (no `override`: the
-    // declarations come with that work)
-    bool device_memory() const { return true; }
-    void* stream() const { return (void*)stream_; }
+    // device memory and the stream, for the NCCL transport of Dist
+    bool device_memory() const override { return true; }
+    void* stream() const override { return (void*)stream_; }
 
     void* alloc_bytes(size_t nbytes) override {
         void* p = nullptr;

@@ -82,6 +82,7 @@ void layernorm_forward(float* out,          // (N, C)
                        const float* weight, // (C)
                        const float* bias,   // (C)
                        int N, int C, cudaStream_t stream) {
+    if (N <= 0) return;                          // no zero-block launch
     const int rows_per_block = kBlock / kWarp;
     layernorm_forward_kernel<<<CEIL_DIV(N, rows_per_block), kBlock, 0, stream>>>(out, mean, rstd, inp, weight, bias,
                                                                                  N, C);
