@@ -367,6 +367,8 @@ struct AuxSegments {
 __host__ __device__ inline AuxSegments aux_segments(const TopkRouterArgs& a, const RouterLossArgs& l) {
     return l.aux_seq_len > 0 ? AuxSegments{a.N / l.aux_seq_len, l.aux_seq_len} : AuxSegments{1, a.N};
 }
+// the given global counts replace the micro-batch's (aux scope "global"); sequence scope counts its own
+inline bool aux_uses_global_counts(const RouterLossArgs& l) { return l.aux_counts && l.aux_seq_len <= 0; }
 
 // a thread per (segment b, expert i): f[b, i] (fraction of the segment's choices, or of the
 // given global counts) and P[b, i] = mean s_i over the segment's tokens, in token order
@@ -442,7 +444,7 @@ void router_balance_forward(double* out, double* scratch, const float* z /* (N, 
     double* top1 = lse2 + a.N;                 // (N)
     double* counts = top1 + a.N;               // (E) global counts
     if (l.aux_loss > 0 && F > 0) {   // F = 0: fewer tokens than one sequence, aux 0 as on the host
-        const bool global = l.aux_counts && l.aux_seq_len <= 0;   // sequence scope takes its own counts
+        const bool global = aux_uses_global_counts(l);
         if (global) cudaCheck(cudaMemcpyAsync(counts, l.aux_counts, a.E * sizeof(double), cudaMemcpyHostToDevice,
                                               stream));
         router_aux_columns_kernel<<<CEIL_DIV(F, 128), 128, 0, stream>>>(f, P, s, choice_expert,
@@ -567,7 +569,7 @@ void router_topk_backward(float* dz,                // (N, E), overwritten
         double* f = balance_scratch;
         double* P = f + F;
         double* counts = P + F + 2 * (size_t)a.N;
-        const bool global = l.aux_counts && l.aux_seq_len <= 0;   // sequence scope takes its own counts
+        const bool global = aux_uses_global_counts(l);
         if (global) cudaCheck(cudaMemcpyAsync(counts, l.aux_counts, a.E * sizeof(double), cudaMemcpyHostToDevice,
                                               stream));
         router_aux_columns_kernel<<<CEIL_DIV(F, 128), 128, 0, stream>>>(f, P, s, choice_expert,

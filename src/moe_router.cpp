@@ -357,6 +357,16 @@ static std::vector<double> load_fractions(const std::vector<double>& routed) {
     return f;
 }
 
+// f_i of sequence b (tokens [b*T, (b+1)*T)): the fraction of its choices that went to expert i.
+// choice_token null: choice m belongs to token m / k.
+static std::vector<double> sequence_fractions(const int* choice_token, const int* choice_expert, int M, int k, int E,
+                                              int T, int b) {
+    std::vector<double> cnt(E, 0.0);
+    for (int m = 0; m < M; m++)
+        if ((choice_token ? choice_token[m] : m / k) / T == b) cnt[choice_expert[m]] += 1.0;
+    return load_fractions(cnt);
+}
+
 void aux_z_terms(MoeStats& st, const float* z, const float* s, const int* choice_token, const int* choice_expert,
                  int M, const std::vector<double>& routed, const BalanceConfig& bal, int k, int N, int E, int T,
                  const std::vector<double>& global_routed) {
@@ -365,11 +375,9 @@ void aux_z_terms(MoeStats& st, const float* z, const float* s, const int* choice
         if (bal.aux_scope == "sequence") {
             const int B = N / T;
             for (int b = 0; b < B; b++) {
-                std::vector<double> cnt(E, 0.0), P(E, 0.0);
-                for (int m = 0; m < M; m++)
-                    if ((choice_token ? choice_token[m] : m / k) / T == b) cnt[choice_expert[m]] += 1.0;
+                std::vector<double> P(E, 0.0);
                 for (int t = 0; t < T; t++) for (int i = 0; i < E; i++) P[i] += s[(size_t)(b * T + t) * E + i] / T;
-                std::vector<double> f = load_fractions(cnt);
+                const std::vector<double> f = sequence_fractions(choice_token, choice_expert, M, k, E, T, b);
                 for (int i = 0; i < E; i++) st.aux += bal.aux_loss * E * f[i] * P[i] / B;
             }
         } else {
@@ -425,10 +433,7 @@ std::vector<float> aux_score_grads(const BalanceConfig& bal, const int* choice_t
         const int B = N / T;
         std::vector<float> d((size_t)B * E);
         for (int b = 0; b < B; b++) {
-            std::vector<double> cnt(E, 0.0);
-            for (int m = 0; m < M; m++)
-                if ((choice_token ? choice_token[m] : m / k) / T == b) cnt[choice_expert[m]] += 1.0;
-            std::vector<double> f = load_fractions(cnt);
+            const std::vector<double> f = sequence_fractions(choice_token, choice_expert, M, k, E, T, b);
             for (int i = 0; i < E; i++) d[(size_t)b * E + i] = (float)(scale * bal.aux_loss * E * f[i] / T / B);
         }
         return d;
@@ -437,6 +442,11 @@ std::vector<float> aux_score_grads(const BalanceConfig& bal, const int* choice_t
     std::vector<float> d(E);
     for (int i = 0; i < E; i++) d[i] = (float)(scale * bal.aux_loss * E * f[i] / N);
     return d;
+}
+
+const float* aux_grad_row(const std::vector<float>& d, int n, int seq_len, int E) {
+    const size_t row = seq_len > 0 ? (size_t)(n / seq_len) : 0;
+    return (row + 1) * E <= d.size() ? &d[row * E] : nullptr;
 }
 
 void z_loss_backward_row(float* dz, const float* z, int E, double coef, int N, float* e) {
@@ -451,16 +461,12 @@ void balance_backward(BalanceGrads& g, const Routing& r, const BalanceConfig& ba
     const int N = r.N, E = r.E;
     const std::vector<float> d = aux_score_grads(bal, r.choice_token.data(), r.choice_expert.data(), r.M, k, N, E, T,
                                                  r.routed, global_routed, scale);
-    if (!d.empty()) {   // one row of d per sequence (sequence scope), else one for every token
-        const int rows = (int)(d.size() / E);
-        const bool per_seq = bal.aux_scope == "sequence";
+    if (!d.empty()) {
+        const int seq_len = bal.aux_scope == "sequence" ? T : 0;
         #pragma omp parallel for schedule(static)
-        for (int n = 0; n < N; n++) {
-            const int row = per_seq ? n / T : 0;
-            if (row >= rows) continue;   // past the last whole sequence: not in any term
-            const float* dr = &d[(size_t)row * E];
-            for (int i = 0; i < E; i++) g.ds[(size_t)n * E + i] += dr[i];
-        }
+        for (int n = 0; n < N; n++)
+            if (const float* dr = aux_grad_row(d, n, seq_len, E))
+                for (int i = 0; i < E; i++) g.ds[(size_t)n * E + i] += dr[i];
     }
     if (bal.z_loss > 0) {
         const double coef = scale * bal.z_loss * 2.0;

@@ -75,6 +75,10 @@ void aux_z_terms(MoeStats& st, const float* z, const float* s, const int* choice
 std::vector<float> aux_score_grads(const BalanceConfig& bal, const int* choice_token, const int* choice_expert, int M,
                                    int k, int N, int E, int T, const std::vector<double>& routed,
                                    const std::vector<double>& global_routed, float scale);
+// The row of aux_score_grads' d that token n adds to its ds: the row of its sequence (seq_len > 0,
+// sequence scope) or the only row; null for tokens past the last whole sequence (in no term) and
+// when d is empty.
+const float* aux_grad_row(const std::vector<float>& d, int n, int seq_len, int E);
 
 // Frequency-balanced hash table: tokens by count (desc, ties by id) to the least-loaded expert.
 std::vector<int32_t> balanced_hash_table(const std::vector<double>& counts, int E);

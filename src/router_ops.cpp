@@ -12,6 +12,13 @@
 
 namespace moe {
 
+// Choices per expert (E), as doubles (Routing::routed)
+static std::vector<double> routed_counts(const int* choice_expert, int M, int E) {
+    std::vector<double> routed(E, 0.0);
+    for (int m = 0; m < M; m++) routed[choice_expert[m]] += 1.0;
+    return routed;
+}
+
 // A Routing of token-choice top-k for the plan build: N, E, M = N*k, choice m of token m / k, the
 // choices and their routed counts (E).
 static Routing topk_routing(const TopkRouterArgs& a, const int* choice_expert) {
@@ -22,8 +29,7 @@ static Routing topk_routing(const TopkRouterArgs& a, const int* choice_expert) {
     r.choice_token.resize(r.M);
     for (int m = 0; m < r.M; m++) r.choice_token[m] = m / a.k;
     r.choice_expert.assign(choice_expert, choice_expert + r.M);
-    r.routed.assign(a.E, 0.0);
-    for (int m = 0; m < r.M; m++) r.routed[r.choice_expert[m]] += 1.0;
+    r.routed = routed_counts(choice_expert, r.M, a.E);
     return r;
 }
 
@@ -81,8 +87,7 @@ void router_plan_build_cpu(int* offsets, int* routed, int* token, float* gate, i
 RouterLosses router_balance_forward_cpu(const float* z, const float* s, const int* choice_expert,
                                         const float* choice_gate, const TopkRouterArgs& a, const RouterLossArgs& l) {
     const int M = a.N * a.k;
-    std::vector<double> routed(a.E, 0.0);
-    for (int m = 0; m < M; m++) routed[choice_expert[m]] += 1.0;
+    const std::vector<double> routed = routed_counts(choice_expert, M, a.E);
     MoeStats st;
     aux_z_terms(st, z, s, nullptr, choice_expert, M, routed, balance_config(l), a.k, a.N, a.E, l.aux_seq_len,
                 global_counts(l, a.E));
@@ -105,14 +110,10 @@ void router_topk_backward_cpu(float* dz, const float* dgate, const int* choice, 
     std::vector<float> dchoice(M, 0.0f);   // the plan's gate gradients by router choice
     for (int i = 0; i < A; i++) dchoice[choice[i]] = dgate[i];
     const BalanceConfig bal = balance_config(l);
-    std::vector<double> routed;
-    if (bal.aux_loss > 0 && bal.aux_scope == "micro_batch") {
-        routed.assign(E, 0.0);
-        for (int m = 0; m < M; m++) routed[choice_expert[m]] += 1.0;
-    }
+    const std::vector<double> routed =
+        bal.aux_loss > 0 && bal.aux_scope == "micro_batch" ? routed_counts(choice_expert, M, E) : std::vector<double>{};
     const std::vector<float> daux = aux_score_grads(bal, nullptr, choice_expert, M, k, N, E, l.aux_seq_len, routed,
                                                     global_counts(l, E), dloss_scale);
-    const int aux_rows = (int)(daux.size() / E);   // 1, or one per whole sequence (0 without aux)
     const double zcoef = dloss_scale * bal.z_loss * 2.0;
     // per token, as the host functions: ds = gates' gradient + aux term; dz = z-loss term + the
     // scores' backward of ds
@@ -126,11 +127,8 @@ void router_topk_backward_cpu(float* dz, const float* dgate, const int* choice, 
             std::fill(ds.begin(), ds.end(), 0.0f);
             gates_backward_row(ds.data(), sr, choice_expert + (size_t)n * k, &dchoice[(size_t)n * k], k, a.normalize,
                                a.scale);
-            const int row = l.aux_seq_len > 0 ? n / l.aux_seq_len : 0;   // past the last whole sequence:
-            if (row < aux_rows) {                                       // not in any term
-                const float* d = &daux[(size_t)row * E];
+            if (const float* d = aux_grad_row(daux, n, l.aux_seq_len, E))
                 for (int i = 0; i < E; i++) ds[i] += d[i];
-            }
             std::fill(dzr, dzr + E, 0.0f);
             if (bal.z_loss > 0) z_loss_backward_row(dzr, z + (size_t)n * E, E, zcoef, N, e.data());
             scores_backward_row(dzr, ds.data(), sr, E, a.sigmoid);
